@@ -1,0 +1,86 @@
+"""Shared fixtures: the real Omniglot store (prepared once per test session) and tiny synthetic sources."""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def omniglot_source() -> Path | None:
+    """The shared Omniglot archives: $METATRAIN_OMNIGLOT_SOURCE, else ../shared/data/omniglot beside the repo."""
+    env = os.environ.get("METATRAIN_OMNIGLOT_SOURCE")
+    path = Path(env) if env else REPO.parent / "shared" / "data" / "omniglot"
+    return path if (path / "images_background.zip").is_file() else None
+
+
+@pytest.fixture(scope="session")
+def omniglot_dir() -> Path:
+    path = omniglot_source()
+    if path is None:
+        # The archives are on every machine of this project, CI included: missing data there is a failure.
+        if os.environ.get("CI"):
+            pytest.fail("Omniglot archives not found: set METATRAIN_OMNIGLOT_SOURCE "
+                        "or put them at ../shared/data/omniglot")
+        pytest.skip("Omniglot archives not found; set METATRAIN_OMNIGLOT_SOURCE")
+    return path
+
+
+@pytest.fixture(scope="session")
+def omniglot_store(omniglot_dir, tmp_path_factory) -> Path:
+    """The full Omniglot at 28x28, prepared once for the whole test session (about 3 s)."""
+    from tasks.prepare import prepare_omniglot
+
+    out = tmp_path_factory.mktemp("stores") / "omniglot"
+    prepare_omniglot(omniglot_dir, out)
+    return out
+
+
+def png_bytes(rng: np.random.Generator, side: int = 21, channels: int = 1) -> bytes:
+    """A random binary drawing (black strokes on white, like Omniglot) as PNG bytes."""
+    img = np.where(rng.random((side, side, channels)) < 0.15, 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img[..., 0] if channels == 1 else img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_tiny_omniglot(root: Path, *, unpacked: bool = False, seed: int = 0, drawers: int = 20) -> Path:
+    """An Omniglot-shaped source: background 2 alphabets x 3 characters, evaluation 1 x 3, ``drawers`` each."""
+    rng = np.random.default_rng(seed)
+    layout = {"background": ["Alpha", "Beta"], "evaluation": ["Gamma"]}
+    root.mkdir(parents=True, exist_ok=True)
+    for split, alphabets in layout.items():
+        members = {}
+        for a in alphabets:
+            for c in range(1, 4):
+                for d in range(1, drawers + 1):
+                    members[f"images_{split}/{a}/character{c:02d}/{100 + c:04d}_{d:02d}.png"] = png_bytes(rng)
+        if unpacked:
+            for name, blob in members.items():
+                (root / name).parent.mkdir(parents=True, exist_ok=True)
+                (root / name).write_bytes(blob)
+        else:
+            with zipfile.ZipFile(root / f"images_{split}.zip", "w") as zf:
+                for name, blob in members.items():
+                    zf.writestr(name, blob)
+    return root
+
+
+@pytest.fixture
+def tiny_source(tmp_path) -> Path:
+    return write_tiny_omniglot(tmp_path / "src")
+
+
+def zip_bytes(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for k, v in members.items():
+            zf.writestr(k, v)
+    return buf.getvalue()

@@ -1,0 +1,63 @@
+"""The command line: exit codes, one-line errors, and the printed sample episode."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+from pipeline.cli import main
+
+
+def test_prepare_and_sample(tiny_source, tmp_path, capsys):
+    out = tmp_path / "store"
+    assert main(["prepare", "omniglot", "--source", str(tiny_source), "--out", str(out)]) == 0
+    first = capsys.readouterr().out
+    assert first.startswith(f"wrote {out} (new store)")
+    assert "background        6 classes      120 images" in first
+    assert main(["prepare", "omniglot", "--source", str(tiny_source), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.startswith(f"nothing to do: {out} (store is complete and up to date)")
+    assert main(["sample", "--data", str(out), "--ways", "3", "--shots", "2", "--queries", "4",
+                 "--split", "evaluation"]) == 0
+    text = capsys.readouterr().out
+    assert "3-way 2-shot, 4 queries/class" in text
+    assert "support_x (6, 1, 28, 28) torch.float32, support_y [0, 0, 1, 1, 2, 2]" in text
+    assert text.count("Gamma/character0") == 3
+
+
+def test_source_from_environment(tiny_source, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("METATRAIN_OMNIGLOT_SOURCE", str(tiny_source))
+    assert main(["prepare", "omniglot", "--out", str(tmp_path / "s")]) == 0
+    monkeypatch.delenv("METATRAIN_OMNIGLOT_SOURCE")
+    assert main(["prepare", "omniglot", "--out", str(tmp_path / "s2")]) == 2
+    assert "pass --source DIR or set METATRAIN_OMNIGLOT_SOURCE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["prepare", "omniglot", "--source", "/nonexistent", "--out", "OUT"], "/nonexistent does not exist"),
+    (["prepare", "omniglot", "--source", "SRC", "--out", "OUT", "--size", "0"], "--size must be a positive integer"),
+    (["sample", "--data", "/nonexistent/store"], "no prepared store at /nonexistent/store"),
+    (["sample", "--data", "STORE", "--ways", "10"], "ways = 10 exceeds the 3 classes of split 'evaluation'"),
+    (["sample", "--data", "STORE", "--shots", "15", "--queries", "6"], "shots \\+ queries = 21 exceeds"),
+    (["sample", "--data", "STORE", "--split", "bakground"], "unknown split 'bakground'"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message, tiny_source, tmp_path, capsys):
+    store = tmp_path / "store"
+    assert main(["prepare", "omniglot", "--source", str(tiny_source), "--out", str(store)]) == 0
+    capsys.readouterr()
+    subst = {"SRC": str(tiny_source), "OUT": str(tmp_path / "out"), "STORE": str(store)}
+    assert main([subst.get(a, a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("metatrain: error: ") and err.count("\n") == 1
+    import re
+    assert re.search(message, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_python_dash_m_and_argparse_errors():
+    r = subprocess.run([sys.executable, "-m", "pipeline", "prepare", "nope"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and "invalid choice: 'nope'" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "pipeline", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0 and "prepare" in r.stdout

@@ -1,0 +1,182 @@
+"""Episode samplers on the real Omniglot store: layout, determinism across processes, rotations, splits, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, write_tiny_omniglot
+
+from tasks.errors import EpisodeError
+from tasks.prepare import prepare_omniglot
+from tasks.samplers import EpisodeSampler, SequenceEpisodeSampler, SinusoidSampler
+from tasks.splits import resolve_split
+from tasks.store import TaskStore
+
+pytestmark = pytest.mark.data
+
+
+@pytest.fixture(scope="module")
+def store(omniglot_store):
+    return TaskStore.open(omniglot_store)
+
+
+def _digest(ep) -> str:
+    h = hashlib.sha256()
+    for t in (ep.support_x, ep.support_y, ep.query_x, ep.query_y, ep.classes, ep.rotations):
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_episode_layout_and_content(store):
+    s = EpisodeSampler(store, ways=5, shots=2, queries=3, split="evaluation")
+    ep = s.episode(step=7, slot=1)
+    assert ep.support_x.shape == (10, 1, 28, 28) and ep.query_x.shape == (15, 1, 28, 28)
+    assert ep.support_x.dtype == torch.float32 and 0.0 <= ep.support_x.min() and ep.support_x.max() <= 1.0
+    assert ep.support_y.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert ep.query_y.tolist() == sum(([i] * 3 for i in range(5)), [])
+    assert (ep.rotations == 0).all()  # evaluation split: no rotations by default
+    assert len(set(ep.classes.tolist())) == 5
+    assert all(store.class_split[c] == "evaluation" for c in ep.classes.tolist())
+    # Every image of label l is a distinct drawing of class classes[l].
+    for label, c in enumerate(ep.classes.tolist()):
+        own = store.images[store.class_offsets[c]:store.class_offsets[c + 1]].float() / 255
+        imgs = torch.cat([ep.support_x[ep.support_y == label], ep.query_x[ep.query_y == label]])
+        matches = [int(((own - img).abs().flatten(1).amax(1) == 0).nonzero()[0]) for img in imgs]
+        assert len(set(matches)) == 5
+    assert ep.key == (0, 7, 1)
+
+
+def test_same_key_same_episode_other_keys_differ(store):
+    a = EpisodeSampler(store, ways=5, shots=1, queries=15, split="background", seed=3)
+    b = EpisodeSampler(store, ways=5, shots=1, queries=15, split="background", seed=3)
+    assert _digest(a.episode(4, 2)) == _digest(b.episode(4, 2))
+    digests = {_digest(a.episode(step, slot)) for step in range(3) for slot in range(3)}
+    assert len(digests) == 9
+    other_seed = EpisodeSampler(store, ways=5, shots=1, queries=15, split="background", seed=4)
+    assert _digest(other_seed.episode(4, 2)) != _digest(a.episode(4, 2))
+
+
+def test_episode_is_identical_in_another_process(store, omniglot_store):
+    """The engine's fault recovery relies on this: another process rebuilds the same episode bit for bit."""
+    code = (
+        "import hashlib, sys\n"
+        "from tasks.store import TaskStore\nfrom tasks.samplers import EpisodeSampler\n"
+        f"s = EpisodeSampler(TaskStore.open({str(omniglot_store)!r}), ways=20, shots=5, queries=5, "
+        "split='background', seed=11)\n"
+        "ep = s.episode(123, 9)\nh = hashlib.sha256()\n"
+        "for t in (ep.support_x, ep.support_y, ep.query_x, ep.query_y, ep.classes, ep.rotations):\n"
+        "    h.update(t.contiguous().numpy().tobytes())\nprint(h.hexdigest())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    local = EpisodeSampler(store, ways=20, shots=5, queries=5, split="background", seed=11).episode(123, 9)
+    assert out.stdout.strip() == _digest(local)
+
+
+def test_label_order_is_a_fresh_permutation_per_episode(store):
+    s = EpisodeSampler(store, ways=5, shots=1, queries=1, split="evaluation", seed=0)
+    position_of_smallest = []
+    for slot in range(200):
+        classes = s.episode(0, slot).classes
+        position_of_smallest.append(int(classes.argmin()))
+    counts = np.bincount(position_of_smallest, minlength=5)
+    assert (counts > 20).all(), counts  # uniform over the 5 labels, ~40 each
+
+
+def test_rotations_make_four_classes_on_training_splits_only(store):
+    train = EpisodeSampler(store, ways=5, shots=1, queries=1, split="background")
+    test = EpisodeSampler(store, ways=5, shots=1, queries=1, split="evaluation")
+    assert train.num_classes == 4 * 964 and test.num_classes == 659
+    assert EpisodeSampler(store, ways=5, shots=1, queries=1, split="maml/train").num_classes == 4 * 1200
+    assert EpisodeSampler(store, ways=5, shots=1, queries=1, split="background", rotations=False).num_classes == 964
+    assert EpisodeSampler(store, ways=5, shots=1, queries=1, split="evaluation", rotations=True).num_classes == 4 * 659
+    turns = torch.cat([train.episode(0, s).rotations for s in range(100)])
+    assert set(turns.tolist()) == {0, 1, 2, 3}
+    # A rotated class's images are the stored drawings turned by 90 degrees * k.
+    ep = next(e for e in (train.episode(1, s) for s in range(50)) if (e.rotations == 1).any())
+    label = int((ep.rotations == 1).nonzero()[0])
+    c = int(ep.classes[label])
+    own = store.images[store.class_offsets[c]:store.class_offsets[c + 1]].float() / 255
+    turned = torch.rot90(own, 1, dims=(-2, -1))
+    img = ep.support_x[ep.support_y == label][0]
+    assert ((turned - img).abs().flatten(1).amax(1) == 0).any()
+
+
+def test_class_splits(store):
+    maml_train, maml_test = resolve_split(store, "maml/train"), resolve_split(store, "maml/test")
+    assert len(maml_train) == 1200 and len(maml_test) == 423
+    assert set(maml_train).isdisjoint(maml_test) and len(set(maml_train) | set(maml_test)) == 1623
+    v = [resolve_split(store, f"vinyals/{p}") for p in ("train", "val", "test")]
+    assert [len(x) for x in v] == [1028, 172, 423]
+    assert len(set(np.concatenate(v))) == 1623
+    assert np.array_equal(resolve_split(store, "maml/train"), maml_train)  # stable
+    assert not np.array_equal(resolve_split(store, "maml/train", split_seed=1), maml_train)
+    assert np.array_equal(resolve_split(store, "background"), np.arange(964))
+
+
+def test_shuffled_splits_need_omniglot(tmp_path):
+    small = TaskStore.open(prepare_omniglot(write_tiny_omniglot(tmp_path / "src"), tmp_path / "s").path)
+    with pytest.raises(EpisodeError, match="1623 characters"):
+        resolve_split(small, "maml/train")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(ways=700, split="evaluation"), "ways = 700 exceeds the 659 classes of split 'evaluation'"),
+    (dict(ways=5, shots=10, queries=11, split="evaluation"), "shots \\+ queries = 21 exceeds the 20 images"),
+    (dict(ways=0), "ways must be a positive integer"),
+    (dict(shots=-1), "shots must be a positive integer"),
+    (dict(queries=0), "queries must be a positive integer"),
+    (dict(ways=2.5), "ways must be a positive integer"),
+    (dict(split="evalution"), "unknown split 'evalution' \\(did you mean 'evaluation'\\?\\)"),
+    (dict(seed=-1), "seed must be a non-negative integer"),
+])
+def test_bad_episode_settings(store, kwargs, message):
+    settings = dict(ways=5, shots=1, queries=15, split="background") | kwargs
+    with pytest.raises(EpisodeError, match=message):
+        EpisodeSampler(store, **settings)
+
+
+def test_bad_step_or_slot(store):
+    s = EpisodeSampler(store, ways=5, shots=1, queries=1, split="background")
+    with pytest.raises(EpisodeError, match="step must be a non-negative integer"):
+        s.episode(-1, 0)
+    with pytest.raises(EpisodeError, match="slot must be a non-negative integer"):
+        s.episode(0, "3")
+
+
+def test_sequence_episodes(store):
+    s = SequenceEpisodeSampler(store, classes=5, instances=10, split="background", seed=1)
+    ep = s.episode(2, 0)
+    assert ep.x.shape == (50, 1, 28, 28) and ep.y.shape == (50,)
+    assert torch.bincount(ep.y, minlength=5).tolist() == [10] * 5
+    assert ep.prev_label[0].sum() == 0
+    assert torch.equal(ep.prev_label[1:].argmax(1), ep.y[:-1]) and (ep.prev_label[1:].sum(1) == 1).all()
+    for label in range(5):
+        assert ep.instance[ep.y == label].tolist() == list(range(1, 11))
+    assert not torch.equal(ep.y, torch.arange(5).repeat_interleave(10))  # shuffled
+    assert torch.equal(s.episode(2, 0).x, ep.x)
+    with pytest.raises(EpisodeError, match="instances = 21 exceeds"):
+        SequenceEpisodeSampler(store, classes=5, instances=21, split="background")
+    with pytest.raises(EpisodeError, match="classes = 3857 exceeds the 3856 classes"):
+        SequenceEpisodeSampler(store, classes=3857, instances=2, split="background")
+
+
+def test_sinusoid_tasks():
+    s = SinusoidSampler(shots=10, queries=7, seed=5)
+    ep = s.episode(3, 1)
+    a, p = ep.task_params.tolist()
+    assert 0.1 <= a <= 5.0 and 0.0 <= p <= math.pi
+    assert ep.support_x.shape == (10, 1) and ep.query_x.shape == (7, 1)
+    assert ((ep.support_x >= -5) & (ep.support_x <= 5)).all()
+    assert torch.allclose(ep.support_y, a * torch.sin(ep.support_x - p), atol=1e-5)
+    assert torch.allclose(ep.query_y, a * torch.sin(ep.query_x - p), atol=1e-5)
+    assert torch.equal(SinusoidSampler(shots=10, queries=7, seed=5).episode(3, 1).support_x, ep.support_x)
+    amps = torch.stack([s.episode(0, i).task_params[0] for i in range(300)])
+    assert amps.min() < 0.5 and amps.max() > 4.5
+    with pytest.raises(EpisodeError, match="amplitude must be an interval"):
+        SinusoidSampler(amplitude=(5.0, 0.1))
