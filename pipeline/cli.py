@@ -3,6 +3,8 @@
     metatrain prepare omniglot --source ../shared/data/omniglot --out data/omniglot
     metatrain prepare imagefolder --source my_images/ --out data/mine --channels 3
     metatrain sample --data data/omniglot --ways 5 --shots 1 --queries 15 --split evaluation
+    metatrain train configs/omniglot_fomaml_5w1s.yaml --out runs/fomaml [--set train.steps=300] [--resume RUN_ID]
+    metatrain eval --run RUN_ID [--tasks 600]     |     metatrain eval --model models:/NAME@champion
 
 Every user-facing failure is a ``MetatrainError``: printed as one line ``metatrain: error: ...`` with exit code 2.
 Anything else is a bug and keeps its traceback.
@@ -53,11 +55,38 @@ def _add_sample(sub) -> None:
     p.add_argument("--slot", type=int, default=0)
 
 
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="meta-train on Ray, tracked in MLflow")
+    p.add_argument("config", nargs="?", default=None, help="YAML config (configs/*.yaml); defaults if omitted")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.steps=500 (repeatable)")
+    p.add_argument("--out", default=None, help="run folder (default: runs/run-<time>)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else local)")
+    p.add_argument("--resume", default=None, metavar="RUN_ID", help="continue this MLflow run from its checkpoint")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
+                   "else sqlite:///OUT/mlflow.db)")
+    p.add_argument("--register", default=None, metavar="NAME", help="register the final model under NAME")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a run or a registered model on test episodes")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run", default=None, metavar="RUN_ID", help="an MLflow run made by metatrain train")
+    which.add_argument("--model", default=None, metavar="URI", help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    p.add_argument("--tasks", type=int, default=None, help="test episodes (default: the run's train.eval_tasks)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", default=None, help="folder for eval.json and eval_tasks.parquet")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metatrain", description="Distributed meta-learning on Ray with MLflow.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_prepare(sub)
     _add_sample(sub)
+    _add_train(sub)
+    _add_eval(sub)
     return parser
 
 
@@ -117,7 +146,23 @@ def cmd_sample(args) -> int:
     return 0
 
 
-COMMANDS = {"prepare": cmd_prepare, "sample": cmd_sample}
+def cmd_train(args) -> int:
+    from pipeline.driver import train
+
+    train(args.config, args.overrides, out=args.out, ray_address=args.ray_address, resume=args.resume,
+          tracking_uri=args.tracking_uri, register=args.register, quiet=args.quiet)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from pipeline.driver import evaluate
+
+    evaluate(args.run, args.model, tasks=args.tasks, overrides=args.overrides, out=args.out,
+             tracking_uri=args.tracking_uri)
+    return 0
+
+
+COMMANDS = {"prepare": cmd_prepare, "sample": cmd_sample, "train": cmd_train, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:

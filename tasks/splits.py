@@ -5,9 +5,11 @@ Names a sampler accepts:
 - any partition of the store, as prepared: ``background`` / ``evaluation`` for Omniglot (964 / 659 characters, the
   published alphabets), ``all`` (or the ``--split`` given) for an image folder;
 - ``maml/train``, ``maml/test``: all 1623 Omniglot characters shuffled with ``split_seed``, 1200 / 423 (MAML, Reptile);
-- ``vinyals/train``, ``vinyals/val``, ``vinyals/test``: the same shuffle cut 1028 / 172 / 423 (Vinyals et al. 2016).
+- ``vinyals/train``, ``vinyals/val``, ``vinyals/test``: the same shuffle cut 1028 / 172 / 423 (Vinyals et al. 2016);
+- ``background/train``, ``background/val``: the 964 background characters shuffled with ``split_seed``, 864 / 100,
+  so that validation (model selection) uses held-out characters while ``evaluation`` stays untouched for the test.
 
-The shuffled schemes are defined for Omniglot's 1623 characters only; other stores use their own partitions.
+The shuffled schemes are defined for Omniglot only; other stores use their own partitions.
 Rotation augmentation (each class x {0, 90, 180, 270} degrees as four classes) is on by default for training splits
 (``background``, ``*/train``) and off for the rest.
 """
@@ -21,19 +23,28 @@ import numpy as np
 from tasks.errors import EpisodeError
 from tasks.store import TaskStore
 
-#: scheme -> ordered (part, count) cuts of the seeded shuffle of all classes.
+#: scheme -> (partition shuffled, or None for all classes; its class count; ordered (part, count) cuts).
 SHUFFLED_SCHEMES = {
-    "maml": (("train", 1200), ("test", 423)),
-    "vinyals": (("train", 1028), ("val", 172), ("test", 423)),
+    "maml": (None, 1623, (("train", 1200), ("test", 423))),
+    "vinyals": (None, 1623, (("train", 1028), ("val", 172), ("test", 423))),
+    "background": ("background", 964, (("train", 864), ("val", 100))),
 }
 TRAINING_SPLITS = ("background", "train")
 
 
 def split_names(store: TaskStore) -> list[str]:
     names = list(store.splits)
-    if store.num_classes == 1623:
-        names += [f"{s}/{p}" for s, cuts in SHUFFLED_SCHEMES.items() for p, _ in cuts]
+    for scheme, (_, _, cuts) in SHUFFLED_SCHEMES.items():
+        if _scheme_pool(store, scheme) is not None:
+            names += [f"{scheme}/{p}" for p, _ in cuts]
     return names
+
+
+def _scheme_pool(store: TaskStore, scheme: str) -> np.ndarray | None:
+    """The classes a shuffled scheme cuts, or None if this store is not the Omniglot the scheme is defined on."""
+    partition, count, _ = SHUFFLED_SCHEMES[scheme]
+    pool = np.arange(store.num_classes) if partition is None else store.classes_of(partition)
+    return pool if len(pool) == count else None
 
 
 def resolve_split(store: TaskStore, name: str, split_seed: int = 0) -> np.ndarray:
@@ -41,16 +52,19 @@ def resolve_split(store: TaskStore, name: str, split_seed: int = 0) -> np.ndarra
     if name in store.splits:
         return store.classes_of(name)
     scheme, _, part = name.partition("/")
-    if scheme in SHUFFLED_SCHEMES and part in dict(SHUFFLED_SCHEMES[scheme]):
-        if store.num_classes != 1623:
-            raise EpisodeError(f"split {name!r} is defined for Omniglot's 1623 characters; store {store.path} has "
-                               f"{store.num_classes} classes (use one of {list(store.splits)})")
-        order = np.random.default_rng(split_seed).permutation(store.num_classes)
+    if scheme in SHUFFLED_SCHEMES and part in dict(SHUFFLED_SCHEMES[scheme][2]):
+        partition, count, cuts = SHUFFLED_SCHEMES[scheme]
+        pool = _scheme_pool(store, scheme)
+        if pool is None:
+            what = f"the {partition!r} partition" if partition else "the store"
+            raise EpisodeError(f"split {name!r} is defined for Omniglot ({count} classes in {what}); store "
+                               f"{store.path} does not have them (use one of {list(store.splits)})")
+        order = pool[np.random.default_rng(split_seed).permutation(len(pool))]
         start = 0
-        for p, count in SHUFFLED_SCHEMES[scheme]:
+        for p, n in cuts:
             if p == part:
-                return np.sort(order[start:start + count])
-            start += count
+                return np.sort(order[start:start + n])
+            start += n
     known = split_names(store)
     close = difflib.get_close_matches(name, known, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""

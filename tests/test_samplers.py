@@ -117,12 +117,17 @@ def test_class_splits(store):
     assert np.array_equal(resolve_split(store, "maml/train"), maml_train)  # stable
     assert not np.array_equal(resolve_split(store, "maml/train", split_seed=1), maml_train)
     assert np.array_equal(resolve_split(store, "background"), np.arange(964))
+    bg_train, bg_val = resolve_split(store, "background/train"), resolve_split(store, "background/val")
+    assert len(bg_train) == 864 and len(bg_val) == 100 and set(bg_train).isdisjoint(bg_val)
+    assert set(bg_train) | set(bg_val) == set(range(964))  # held out of background; evaluation untouched
 
 
 def test_shuffled_splits_need_omniglot(tmp_path):
     small = TaskStore.open(prepare_omniglot(write_tiny_omniglot(tmp_path / "src"), tmp_path / "s").path)
-    with pytest.raises(EpisodeError, match="1623 characters"):
+    with pytest.raises(EpisodeError, match="defined for Omniglot \\(1623 classes in the store\\)"):
         resolve_split(small, "maml/train")
+    with pytest.raises(EpisodeError, match="964 classes in the 'background' partition"):
+        resolve_split(small, "background/val")
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -1,0 +1,103 @@
+"""Build a run's pieces from its Config: the task store, the samplers, the model and the initial meta-parameters.
+
+The driver, the parameter server and every worker call these with the same Config, so they agree on the model's
+architecture, the parameter names and the episodes of every (seed, step, slot) without shipping anything but the
+config. Nothing here starts Ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from models import Conv4, FewShotModel, SinusoidMLP
+from pipeline.algorithms import get_algorithm
+from pipeline.checkpoint import model_fingerprint
+from pipeline.config import Config, ConfigError
+from tasks.errors import DataError
+from tasks.samplers import EpisodeSampler, SinusoidSampler
+from tasks.store import TaskStore, read_manifest
+
+SPLITS = ("train", "val", "test")
+
+
+def open_store(cfg: Config) -> TaskStore | None:
+    """The run's store (None for sinusoids); a missing store names the command that makes it."""
+    if image_shape(cfg) is None:
+        return None
+    return TaskStore.open(cfg.data.path)
+
+
+def build_sampler(cfg: Config, store: TaskStore | None, split: str):
+    """The sampler of ``split`` (train / val / test). Training episodes use train.seed, the others train.eval_seed."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    d = cfg.data
+    seed = cfg.train.seed if split == "train" else cfg.train.eval_seed
+    if d.is_sinusoid:
+        # Different seeds per split keep validation/test tasks apart from the training ones.
+        return SinusoidSampler(shots=d.shots, queries=d.queries, seed=seed + (0 if split == "train" else 1_000_003))
+    name = {"train": d.train_split, "val": d.val_split, "test": d.test_split}[split]
+    rotations = None if d.rotations == "auto" else d.rotations == "on"
+    if split != "train" and d.rotations == "on":
+        rotations = None  # "on" asks for training augmentation; held-out splits follow their default (off)
+    return EpisodeSampler(store, ways=d.ways, shots=d.shots, queries=d.queries, split=name, rotations=rotations,
+                          seed=seed, split_seed=d.split_seed)
+
+
+def image_shape(cfg: Config) -> tuple[int, int, int] | None:
+    """(channels, height, width) of the run's images, from the store's manifest alone (no images loaded)."""
+    if cfg.data.is_sinusoid:
+        return None
+    try:
+        return tuple(read_manifest(Path(cfg.data.path))["image_shape"])
+    except DataError as e:
+        if "no prepared store" in str(e):
+            raise DataError(f"data.path: no prepared store at {cfg.data.path}; make it with `metatrain prepare "
+                            f"omniglot --source DIR --out {cfg.data.path}`") from None
+        raise
+
+
+def build_model(cfg: Config, shape: tuple[int, int, int] | None) -> FewShotModel:
+    """The network for this config and image shape (architecture only; weights come from the parameter server)."""
+    m = cfg.model
+    if m.name == "mlp":
+        return SinusoidMLP(hidden=(m.hidden, m.hidden))
+    if shape is None:
+        raise ConfigError("model.name conv4 needs image data (data.dataset is sinusoid)")
+    channels, height, width = shape
+    if height != width:
+        raise DataError(f"{cfg.data.path}: images are {height}x{width}; conv4 expects square images")
+    try:
+        return Conv4(cfg.data.ways, in_channels=channels, hidden=m.hidden, image_size=height, pool=m.pool,
+                     bn_steps=cfg.algorithm.bn_steps_needed)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+
+
+def initial_params(cfg: Config, model: FewShotModel) -> dict[str, torch.Tensor]:
+    """Meta-parameters at step 0: the model's seeded initialisation plus the algorithm's own (Meta-SGD rates)."""
+    gen_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(cfg.train.seed)
+        if hasattr(model, "reset_parameters"):
+            model.reset_parameters()
+        params = {k: v.detach().clone() for k, v in model.named_parameters()}
+        params.update(get_algorithm(cfg.algorithm.name).init_extra_params(model, cfg.algorithm))
+    finally:
+        torch.random.set_rng_state(gen_state)
+    return params
+
+
+def fingerprint(cfg: Config, model: FewShotModel) -> str:
+    """What a checkpoint must match to be loaded into this run: architecture, algorithm, episode shape."""
+    extra = {"model": cfg.to_dict()["model"], "algorithm": cfg.algorithm.name, "ways": cfg.data.ways,
+             "dataset": cfg.data.dataset, "metasgd_lr": cfg.algorithm.metasgd_lr}
+    return model_fingerprint(model, extra)
+
+
+def config_digest(cfg: Config) -> str:
+    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -1,0 +1,393 @@
+"""Run configuration: one frozen dataclass per concern, loaded from YAML, overridden with ``--set a.b=v``.
+
+    metatrain train configs/omniglot_fomaml_5w1s.yaml --set train.steps=500 --set workers.count=2
+
+Every section validates itself in ``__post_init__``; the loader checks keys and types first, so a typo gets
+"unknown config key 'train.stpes' (did you mean 'train.steps'?)" and a wrong type names the field and what it
+wanted. ``Config.to_dict()`` is the resolved configuration, logged to MLflow and stored in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.algorithms.config import AlgorithmConfig
+from tasks.errors import MetatrainError
+
+
+class ConfigError(MetatrainError):
+    """A config file, config field or ``--set`` override is invalid."""
+
+
+def _require(cond: bool, where: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{where} {message}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where episodes come from and their shape."""
+
+    dataset: str = "omniglot"
+    """``sinusoid`` (MAML regression tasks, no store) or the name of a prepared store's dataset (omniglot, ...)."""
+    path: str = "data/omniglot"
+    """Prepared store folder (``metatrain prepare ...``); unused for sinusoids."""
+    ways: int = 5
+    """Classes per episode (the classifier head's width for inner-loop learners)."""
+    shots: int = 1
+    """Support images per class (sinusoid: support points per task)."""
+    queries: int = 15
+    """Query images per class (sinusoid: query points per task)."""
+    train_split: str = "background/train"
+    """Classes for meta-training (see tasks/splits.py)."""
+    val_split: str = "background/val"
+    """Held-out classes for periodic validation and best-checkpoint selection."""
+    test_split: str = "evaluation"
+    """Classes of the final test evaluation."""
+    rotations: Literal["auto", "on", "off"] = "auto"
+    """Rotations as new classes on the training split: auto = on for training splits (background, */train)."""
+    split_seed: int = 0
+    """Seed of the shuffled class splits (maml/*, vinyals/*, background/*); not the training seed."""
+
+    def __post_init__(self):
+        for name in ("ways", "shots", "queries"):
+            _require(getattr(self, name) >= 1, f"data.{name}", f"must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def is_sinusoid(self) -> bool:
+        return self.dataset == "sinusoid"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network whose parameters are meta-learned."""
+
+    name: Literal["conv4", "mlp"] = "conv4"
+    """conv4: MAML's 4-block CNN for images; mlp: the sinusoid MLP (1-40-40-1)."""
+    hidden: int = 64
+    """Filters per conv block (64 for Omniglot, 32 for mini-ImageNet) or MLP hidden width (40)."""
+    pool: Literal["max", "stride"] = "max"
+    """conv4 downsampling: 2x2 max-pool, or stride-2 convolutions (the MAML paper's Omniglot variant)."""
+
+    def __post_init__(self):
+        _require(self.hidden >= 1, "model.hidden", f"must be >= 1, got {self.hidden}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The outer (meta) optimizer, owned by the parameter server."""
+
+    name: Literal["adam", "sgd"] = "adam"
+    """Outer optimizer."""
+    lr: float = 1e-3
+    """Outer learning rate (MAML: 1e-3 with Adam)."""
+    weight_decay: float = 0.0
+    """L2 weight decay of the outer optimizer."""
+    momentum: float = 0.0
+    """SGD momentum (sgd only)."""
+    schedule: Literal["constant", "cosine", "step"] = "constant"
+    """Learning-rate schedule over train.steps."""
+    warmup_steps: int = 0
+    """Linear warm-up steps before the schedule."""
+    min_lr_ratio: float = 0.0
+    """cosine: final lr as a fraction of lr; step: the factor applied every step_every steps."""
+    step_every: int = 1000
+    """step schedule: multiply the lr by min_lr_ratio every this many steps."""
+    grad_clip: float | None = None
+    """Clip the averaged meta-gradient to this global L2 norm (None: no clipping)."""
+
+    def __post_init__(self):
+        _require(self.lr > 0 and math.isfinite(self.lr), "optim.lr", f"must be a positive number, got {self.lr}")
+        _require(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(0 <= self.momentum < 1, "optim.momentum", f"must be in [0, 1), got {self.momentum}")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        _require(self.step_every >= 1, "optim.step_every", f"must be >= 1, got {self.step_every}")
+        _require(self.grad_clip is None or self.grad_clip > 0, "optim.grad_clip", f"must be > 0, got {self.grad_clip}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop."""
+
+    steps: int = 2000
+    """Outer steps (parameter-server updates)."""
+    meta_batch: int = 32
+    """Tasks per outer step, spread over the workers."""
+    grad_blocks: int = 0
+    """Sync: the step's tasks form this many fixed blocks, each summed on a worker; 0 = one block per task. At most
+    this many workers are busy, and results are identical for any worker count; fewer blocks move fewer bytes."""
+    seed: int = 0
+    """Training seed: initial weights and every episode (seed, step, slot)."""
+    mode: Literal["sync", "async"] = "sync"
+    """sync: all tasks of a step, then one update (worker-count independent); async: apply as workers finish."""
+    max_staleness: int = 2
+    """async: drop a contribution computed on weights more than this many versions old."""
+    val_every: int = 200
+    """Validate every this many steps (0: only at the end)."""
+    val_tasks: int = 200
+    """Tasks per validation."""
+    eval_tasks: int = 600
+    """Tasks of the final test evaluation (>= 600 for a 95% CI of about +-0.5% at 98%)."""
+    checkpoint_every: int = 100
+    """Parameter-server checkpoint period in steps."""
+    keep_checkpoints: int = 3
+    """Periodic checkpoints kept (best.pt and final.pt are kept besides)."""
+    time_budget_s: float | None = None
+    """Stop training after this many seconds (then checkpoint and evaluate); None: run all steps."""
+    eval_seed: int = 0
+    """Seed of validation and test episodes: fixed apart from train.seed, so runs are compared on the same tasks."""
+
+    def __post_init__(self):
+        for name in ("steps", "meta_batch", "eval_tasks", "checkpoint_every", "keep_checkpoints", "val_tasks"):
+            _require(getattr(self, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _require(self.seed >= 0, "train.seed", f"must be >= 0, got {self.seed}")
+        _require(self.eval_seed >= 0, "train.eval_seed", f"must be >= 0, got {self.eval_seed}")
+        _require(self.grad_blocks >= 0, "train.grad_blocks", f"must be >= 0, got {self.grad_blocks}")
+        _require(self.max_staleness >= 0, "train.max_staleness", f"must be >= 0, got {self.max_staleness}")
+        _require(self.val_every >= 0, "train.val_every", f"must be >= 0, got {self.val_every}")
+        _require(self.time_budget_s is None or self.time_budget_s > 0, "train.time_budget_s",
+                 f"must be > 0, got {self.time_budget_s}")
+
+
+@dataclass(frozen=True)
+class WorkersConfig:
+    """Ray task workers and their placement."""
+
+    count: int = 2
+    """TaskWorker actors (one per core is the usual choice)."""
+    cpus: float = 1.0
+    """CPUs reserved per worker."""
+    gpus: float = 0.0
+    """GPUs per worker; fractional shares one GPU (0.25 = four workers per GPU)."""
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Placement-group strategy for the workers' bundles."""
+    torch_threads: int = 1
+    """torch intra-op threads per worker (1: the cores are shared out by Ray, not by torch)."""
+    max_restarts: int = 3
+    """Ray restarts of a crashed worker before its slots go to the others for good."""
+    task_timeout_s: float = 600.0
+    """A compute call slower than this is treated as lost and its slots are recomputed elsewhere."""
+
+    def __post_init__(self):
+        _require(self.count >= 1, "workers.count", f"must be >= 1, got {self.count}")
+        _require(self.cpus >= 0, "workers.cpus", f"must be >= 0, got {self.cpus}")
+        _require(self.gpus >= 0, "workers.gpus", f"must be >= 0, got {self.gpus}")
+        _require(self.gpus <= 1 or self.gpus == int(self.gpus), "workers.gpus",
+                 f"must be a fraction of one GPU or a whole number, got {self.gpus}")
+        _require(self.torch_threads >= 1, "workers.torch_threads", f"must be >= 1, got {self.torch_threads}")
+        _require(self.max_restarts >= 0, "workers.max_restarts", f"must be >= 0, got {self.max_restarts}")
+        _require(self.task_timeout_s > 0, "workers.task_timeout_s", f"must be > 0, got {self.task_timeout_s}")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow."""
+
+    uri: str | None = None
+    """Tracking URI; None: --tracking-uri, then $MLFLOW_TRACKING_URI, then sqlite:///OUT/mlflow.db."""
+    experiment: str = "metatrain"
+    """MLflow experiment name."""
+    run_name: str | None = None
+    """MLflow run name (None: MLflow picks one)."""
+    system_metrics: bool = True
+    """Log CPU/memory/GPU system metrics."""
+    register: str | None = None
+    """Register the final model under this name in the model registry (also --register)."""
+
+    def __post_init__(self):
+        _require(bool(self.experiment), "tracking.experiment", "must not be empty")
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """Episodes."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Network."""
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    """Meta-learning algorithm and its inner loop."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Outer optimizer."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training loop."""
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    """Ray workers."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """MLflow."""
+
+    def __post_init__(self):
+        if self.data.is_sinusoid:
+            _require(self.model.name == "mlp", "model.name", f"must be 'mlp' for data.dataset=sinusoid, got "
+                     f"{self.model.name!r}")
+        else:
+            _require(self.model.name == "conv4", "model.name", f"must be 'conv4' for image data, got "
+                     f"{self.model.name!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **sections) -> Config:
+        return dataclasses.replace(self, **sections)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading: YAML -> dict -> overrides -> checked dataclasses
+# --------------------------------------------------------------------------------------------------------------
+
+def _type_name(hint) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(hint))
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def _coerce(value: Any, hint, where: str) -> Any:
+    """``value`` as type ``hint`` (int, float, bool, str, Literal, Optional), or ConfigError naming ``where``."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(hint):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{where} must be {_type_name(hint)}, got {value!r}")
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is Literal:
+        if value in typing.get_args(hint):
+            return value
+        options = {str(a).lower(): a for a in typing.get_args(hint)}
+        close = difflib.get_close_matches(str(value).lower(), list(options), n=1)
+        hint_txt = f" (did you mean {options[close[0]]!r}?)" if close else ""
+        raise ConfigError(f"{where} must be one of {_type_name(hint)}, got {value!r}{hint_txt}")
+    if hint is type(None):
+        if value is None:
+            return None
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string; accept what float() accepts
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"config field {where} has an unsupported type {hint!r}")
+    raise ConfigError(f"{where} must be {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+
+
+def _unknown_key(where: str, key: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    path = f"{where}.{key}" if where else key
+    hint = f" (did you mean '{where + '.' if where else ''}{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{path}'{hint}; known: {', '.join(known)}")
+
+
+def build(cls, data: Any, where: str = ""):
+    """Build dataclass ``cls`` from a mapping, recursively, rejecting unknown keys and wrong types."""
+    label = where or "config"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{label} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key(where, str(key), names)
+        path = f"{where}.{key}" if where else key
+        hint = hints[key]
+        kwargs[key] = build(hint, value, path) if dataclasses.is_dataclass(hint) else _coerce(value, hint, path)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except MetatrainError as e:  # a section's own check (e.g. AlgorithmConfig) names the field without its section
+        raise ConfigError(f"{where}.{e}" if where else str(e)) from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"a.b=v"`` -> (["a", "b"], v) with v read as YAML (numbers, booleans, null, lists)."""
+    key, sep, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not key.strip() or any(not p.strip() for p in parts):
+        raise ConfigError(f"invalid --set {text!r}: expected SECTION.FIELD=VALUE, e.g. train.steps=500")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return [p.strip() for p in parts], value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = dict(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"invalid --set {text!r}: {'.'.join(parts[:i + 1])} is not a section")
+            node[part] = child = dict(child)
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The config of a YAML file (or the defaults when ``path`` is None) with ``--set`` overrides applied."""
+    data: Any = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"config file {p} is not valid YAML{at}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(data).__name__}")
+    return build(Config, apply_overrides(data, list(overrides)))
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a Config from ``Config.to_dict()`` output (e.g. from a checkpoint)."""
+    return build(Config, data)

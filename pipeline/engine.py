@@ -1,0 +1,268 @@
+"""The distributed engine: places the actors, schedules slots on workers, survives their deaths.
+
+``Engine`` creates one ``ParameterServer`` (pinned to the driver's node, where the run's folder is) and
+``workers.count`` ``TaskWorker`` actors in a placement group (PACK by default, SPREAD as an option), each with
+``workers.cpus`` CPUs and ``workers.gpus`` (possibly fractional) GPUs. Scheduling never blocks on one worker: every
+loop waits on futures with ``ray.wait`` and handles whichever finishes first.
+
+Faults. A worker that dies mid-call (its process killed, its node removed) surfaces as a Ray actor error on its
+futures; its slots go to the next live worker, and Ray restarts the actor (``workers.max_restarts``) for later calls.
+Because episodes are pure functions of (seed, step, slot), the recomputed slots are the same tasks and a sync run
+ends with the parameters of a clean run. A parameter server that dies is restarted by Ray from its newest checkpoint;
+``recover_parameter_server`` returns its version and the driver recomputes the steps after it. A call slower than
+``workers.task_timeout_s`` is treated as lost and recomputed elsewhere. An error *raised by our code* inside a worker
+(a non-finite gradient, a bad label) is not a fault: it is re-raised to the driver as its own exception type.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray
+from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayError, RayTaskError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+
+from pipeline.actors import ParameterServer, TaskWorker
+from pipeline.config import Config, ConfigError
+from tasks.errors import MetatrainError
+
+PLACEMENT_TIMEOUT_S = 60.0
+PS_RECOVERY_TIMEOUT_S = 180.0
+
+
+class EngineError(MetatrainError):
+    """The cluster cannot run this configuration, or every worker failed."""
+
+
+class WeightsLost(Exception):
+    """The weights object a call depended on is gone (its owner, the parameter server, died): refetch and redo."""
+
+
+def _is_lost_object(e: BaseException | None) -> bool:
+    return isinstance(e, ObjectLostError)
+
+
+def split_slots(slots, parts: int) -> list[list[int]]:
+    """Contiguous, near-equal chunks (none empty): the same slots per step however many workers there are."""
+    arr = np.asarray(list(slots), dtype=np.int64)
+    return [c.tolist() for c in np.array_split(arr, min(parts, len(arr))) if len(c)]
+
+
+@dataclass
+class WorkerState:
+    handle: ray.actor.ActorHandle
+    index: int
+    failures: int = 0
+    alive: bool = True
+
+
+@dataclass
+class FaultLog:
+    """What the engine survived, for metrics and reports."""
+
+    worker_failures: int = 0
+    recomputed_slots: int = 0
+    ps_restarts: int = 0
+    timeouts: int = 0
+    events: list[str] = field(default_factory=list)
+
+
+class Engine:
+    """The actors of one run and the loops that feed them; see the module docstring."""
+
+    def __init__(self, cfg: Config, checkpoint_dir: str, log: Callable[[str], None] = print):
+        self.cfg = cfg
+        self.log = log
+        self.faults = FaultLog()
+        w = cfg.workers
+        self._check_resources()
+        bundle = {"CPU": w.cpus} | ({"GPU": w.gpus} if w.gpus else {})
+        if not any(bundle.values()):
+            bundle = {"CPU": 0.01}  # a placement group bundle cannot be empty
+        self.pg = placement_group([dict(bundle) for _ in range(w.count)], strategy=w.placement)
+        try:
+            ray.get(self.pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
+        except GetTimeoutError:
+            remove_placement_group(self.pg)
+            raise EngineError(f"workers: cannot place {w.count} workers x {bundle} with strategy {w.placement} "
+                              f"within {PLACEMENT_TIMEOUT_S:.0f} s (cluster has {ray.available_resources()})") from None
+        config = cfg.to_dict()
+        here = ray.get_runtime_context().get_node_id()
+        # The parameter server writes the run's checkpoints: pin it to the driver's node, where OUT is.
+        self.ps = ParameterServer.options(
+            num_cpus=0, max_restarts=-1, max_task_retries=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False),
+        ).remote(config, checkpoint_dir)
+        self.workers = [
+            WorkerState(TaskWorker.options(
+                num_cpus=w.cpus, num_gpus=w.gpus, max_restarts=w.max_restarts, max_task_retries=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+            ).remote(config, i), i)
+            for i in range(w.count)
+        ]
+        self._wait_ready()
+
+    # ---- set-up -------------------------------------------------------------------------------------------------
+
+    def _check_resources(self) -> None:
+        w = self.cfg.workers
+        total = ray.cluster_resources()
+        if w.gpus > 0 and total.get("GPU", 0) < w.gpus * w.count - 1e-9:
+            raise ConfigError(f"workers.gpus = {w.gpus} x {w.count} workers needs {w.gpus * w.count:g} GPUs; the Ray "
+                              f"cluster has {total.get('GPU', 0):g} (set workers.gpus=0 to train on CPUs)")
+        if total.get("CPU", 0) < w.cpus * w.count - 1e-9:
+            raise ConfigError(f"workers.cpus = {w.cpus} x {w.count} workers needs {w.cpus * w.count:g} CPUs; the Ray "
+                              f"cluster has {total.get('CPU', 0):g} (lower workers.count or workers.cpus)")
+
+    def _wait_ready(self) -> None:
+        refs = {self.ps.status.remote(): "parameter server"}
+        refs |= {ws.handle.ping.remote(): f"worker {ws.index}" for ws in self.workers}
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=PS_RECOVERY_TIMEOUT_S)
+            if not ready:
+                raise EngineError(f"{', '.join(refs[r] for r in pending)} did not start within "
+                                  f"{PS_RECOVERY_TIMEOUT_S:.0f} s")
+            try:
+                ray.get(ready[0])
+            except RayError as e:
+                raise EngineError(f"{refs[ready[0]]} failed to start: {str(e).strip().splitlines()[-1]}") from None
+
+    def shutdown(self) -> None:
+        for ws in self.workers:
+            ray.kill(ws.handle, no_restart=True)
+        ray.kill(self.ps, no_restart=True)
+        remove_placement_group(self.pg)
+
+    # ---- the parameter server -----------------------------------------------------------------------------------
+
+    def ps_status(self, timeout: float = PS_RECOVERY_TIMEOUT_S) -> dict:
+        return ray.get(self.ps.status.remote(), timeout=timeout)
+
+    def recover_parameter_server(self) -> int:
+        """Wait for Ray to restart the parameter server (it restores its newest checkpoint); return its version."""
+        self.faults.ps_restarts += 1
+        deadline = time.monotonic() + PS_RECOVERY_TIMEOUT_S
+        while True:
+            try:
+                status = self.ps_status(timeout=max(1.0, deadline - time.monotonic()))
+                break
+            except RayActorError:
+                if time.monotonic() > deadline:
+                    raise EngineError("the parameter server died and did not come back") from None
+                time.sleep(0.5)
+        msg = (f"parameter server restarted (pid {status['pid']}), restored {status['restored_from'] or 'nothing'}; "
+               f"continuing from step {status['version'] + 1}")
+        self.faults.events.append(msg)
+        self.log(msg)
+        return int(status["version"])
+
+    def get_weights(self):
+        """(version, ref) of the current meta-parameters."""
+        version, (ref,) = ray.get(self.ps.get_weights.remote())
+        return version, ref
+
+    def apply(self, step: int, metas: list[dict], grad_refs: list) -> dict:
+        return ray.get(self.ps.apply_gradients.remote(step, metas, *grad_refs))
+
+    # ---- dispatching slots --------------------------------------------------------------------------------------
+
+    def alive(self) -> list[WorkerState]:
+        live = [ws for ws in self.workers if ws.alive]
+        if not live:
+            raise EngineError("every worker has failed; see the events above")
+        return live
+
+    def _fail(self, ws: WorkerState, job, why: str, size: Callable = len) -> None:
+        ws.failures += 1
+        self.faults.worker_failures += 1
+        self.faults.recomputed_slots += size(job)
+        if ws.failures > self.cfg.workers.max_restarts:
+            ws.alive = False
+        msg = (f"worker {ws.index} lost {size(job)} slots ({why}); recomputing them on another worker"
+               + ("" if ws.alive else f"; worker {ws.index} retired after {ws.failures} failures"))
+        self.faults.events.append(msg)
+        self.log(msg)
+
+    def dispatch(self, jobs: list, call: Callable, size: Callable = len) -> list[tuple[object, object, tuple]]:
+        """Run every job on some worker; return (job, first result, other refs) per job, in job order.
+
+        ``call(handle, job)`` submits the job and returns a tuple of refs; the first ref is waited on and fetched
+        (it must be small: metadata or metrics), the others are passed back unfetched (gradients). ``size(job)``
+        counts its slots, for the fault log.
+        """
+        timeout = self.cfg.workers.task_timeout_s
+        results: dict[int, tuple] = {}
+        pending: dict = {}  # wait ref -> (job index, worker, other refs, submitted at)
+        cursor = 0
+
+        def submit(i: int, avoid: WorkerState | None = None) -> None:
+            nonlocal cursor
+            live = self.alive()
+            choices = [ws for ws in live if ws is not avoid] or live
+            ws = choices[cursor % len(choices)]
+            cursor += 1
+            refs = call(ws.handle, jobs[i])
+            refs = refs if isinstance(refs, (list, tuple)) else (refs,)
+            pending[refs[0]] = (i, ws, tuple(refs[1:]), time.monotonic())
+
+        for i in range(len(jobs)):
+            submit(i)
+        while pending:
+            oldest = min(t for *_, t in pending.values())
+            wait_s = max(0.05, oldest + timeout - time.monotonic())
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
+            if not ready:  # the oldest call is overdue: treat it as lost
+                ref = min(pending, key=lambda r: pending[r][3])
+                i, ws, _, _ = pending.pop(ref)
+                self.faults.timeouts += 1
+                self._fail(ws, jobs[i], f"no answer within {timeout:g} s", size)
+                submit(i, avoid=ws)
+                continue
+            ref = ready[0]
+            i, ws, others, _ = pending.pop(ref)
+            try:
+                value = ray.get(ref)
+            except RayTaskError as e:
+                cause = getattr(e, "cause", None)
+                if _is_lost_object(cause):
+                    raise WeightsLost(str(cause).strip().splitlines()[0]) from None
+                if isinstance(cause, MetatrainError):
+                    raise cause from None  # our own one-line error from inside the worker
+                raise
+            except ObjectLostError as e:
+                # Either our argument (the weights, owned by the parameter server) or the result is gone; both are
+                # answered by refetching the weights and recomputing the step.
+                raise WeightsLost(str(e).strip().splitlines()[0]) from None
+            except RayError as e:  # the worker died or its node went away: recompute its slots elsewhere
+                self._fail(ws, jobs[i], type(e).__name__, size)
+                submit(i, avoid=ws)
+                continue
+            if i not in results:
+                results[i] = (jobs[i], value, others)
+        return [results[i] for i in range(len(jobs))]
+
+    # ---- the two kinds of work ----------------------------------------------------------------------------------
+
+    def compute(self, step: int, version: int, weights_ref, slots) -> list[tuple[dict, object]]:
+        """(meta, grads ref) per worker job for training step ``step`` on weights ``version``.
+
+        The slots are cut into ``train.grad_blocks`` fixed blocks (0: one per slot) and whole blocks are spread over
+        the live workers, so the partial sums the parameter server adds never depend on the worker count.
+        """
+        slots = list(slots)
+        blocks = split_slots(slots, self.cfg.train.grad_blocks or len(slots))
+        jobs = [[blocks[i] for i in idx] for idx in split_slots(range(len(blocks)), len(self.alive()))]
+        done = self.dispatch(jobs, lambda h, job: h.compute.remote(step, version, weights_ref, job),
+                             size=lambda job: sum(map(len, job)))
+        return [(meta, others[0]) for _, meta, others in done]
+
+    def evaluate(self, weights_ref, split: str, step: int, n_tasks: int) -> list[dict]:
+        """Per-task metrics of ``n_tasks`` episodes (eval seed, ``step``, slot) of ``split``, in slot order."""
+        jobs = split_slots(range(n_tasks), 4 * len(self.alive()))  # smaller jobs balance uneven workers
+        done = self.dispatch(jobs, lambda h, job: h.evaluate.remote(weights_ref, split, step, job))
+        return sorted((row for _, rows, _ in done for row in rows), key=lambda r: r["slot"])

@@ -1,0 +1,242 @@
+"""The parameter server's logic, free of Ray: meta-parameters, the outer optimizer, validation, checkpoints.
+
+``ParameterServerCore`` owns the meta-parameters (model weights plus any learned inner-loop rates), the outer
+optimizer and a version counter (= applied steps). Workers send *contributions*: for each block of slots they
+computed, the sum of those tasks' meta-gradients, plus how many tasks went in. ``apply_gradients(step, metas, grads)``
+checks each contribution (same keys and shapes as the parameters, finite, computed on recent-enough weights), adds
+the accepted blocks in slot order (the same additions in the same order however the blocks were spread over
+workers), divides by the task count, and takes exactly one optimizer step. A step id at or below the last applied one is refused, so a call retried after a timeout
+or a driver restart never applies twice. Every ``checkpoint_every`` steps it checkpoints itself atomically, and its
+constructor restores the newest checkpoint: a parameter server restarted by Ray resumes where it stopped.
+
+The Ray actor in ``pipeline/actors.py`` is a thin shell around this class; tests drive it directly.
+
+    core = ParameterServerCore(initial_params, optim_cfg, total_steps=1000, checkpoint_dir="out/checkpoints",
+                               checkpoint_every=100, fingerprint=fp, config=cfg.to_dict())
+    version, weights = core.get_weights()
+    meta = {"worker": 0, "step": 1, "version": 0, "blocks": [[0, 1], [2, 3]], "n_tasks": 4}
+    result = core.apply_gradients(1, [meta], [[grads_of_slots_0_1, grads_of_slots_2_3]])
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.checkpoint import capture_rng, load_latest, restore_rng, save_checkpoint, save_named
+from pipeline.config import OptimConfig
+
+Params = dict[str, torch.Tensor]
+
+
+def learning_rate(cfg: OptimConfig, step: int, total_steps: int) -> float:
+    """The outer learning rate at (1-based) ``step``: linear warm-up, then constant / cosine / step decay."""
+    if cfg.warmup_steps and step <= cfg.warmup_steps:
+        return cfg.lr * step / cfg.warmup_steps
+    t = step - cfg.warmup_steps
+    if cfg.schedule == "cosine":
+        span = max(1, total_steps - cfg.warmup_steps)
+        progress = min(1.0, t / span)
+        return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    if cfg.schedule == "step":
+        return cfg.lr * cfg.min_lr_ratio ** (t // cfg.step_every)
+    return cfg.lr
+
+
+def make_optimizer(cfg: OptimConfig, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+@dataclass
+class Rejection:
+    """A contribution that was not applied, and why."""
+
+    worker: int
+    step: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"worker {self.worker}, step {self.step}: {self.reason}"
+
+
+class ParameterServerCore:
+    """Meta-parameters + outer optimizer + version; see the module docstring."""
+
+    def __init__(self, params: Params, optim: OptimConfig, *, total_steps: int, checkpoint_dir: str | Path | None,
+                 checkpoint_every: int, keep_checkpoints: int = 3, fingerprint: str = "", config: dict | None = None,
+                 max_staleness: int | None = None, buffers: Params | None = None):
+        # Own copies: float32 leaves on the CPU, whatever the caller passed.
+        self.params = {k: v.detach().to("cpu", torch.float32).clone().requires_grad_(True) for k, v in params.items()}
+        self.buffers = {k: v.detach().cpu().clone() for k, v in (buffers or {}).items()}
+        self.optim_cfg = optim
+        self.total_steps = total_steps
+        self.optimizer = make_optimizer(optim, list(self.params.values()))
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.checkpoint_every = checkpoint_every
+        self.keep_checkpoints = keep_checkpoints
+        self.fingerprint = fingerprint
+        self.config = config or {}
+        self.max_staleness = max_staleness  # None: sync mode, every contribution must be on the current version
+        self.version = 0  # = the last applied step
+        self.counters = {"rejected": 0, "stale_dropped": 0, "duplicates": 0}
+        self.extra: dict = {}
+        self.restored_from: str | None = None
+        if self.checkpoint_dir is not None:
+            state = load_latest(self.checkpoint_dir, expected_fingerprint=fingerprint or None)
+            if state is not None:
+                self.load_state(state)
+
+    # ---- weights ------------------------------------------------------------------------------------------------
+
+    def get_weights(self) -> tuple[int, Params]:
+        """(version, CPU tensors). The tensors are fresh detached copies, safe to ship through the object store."""
+        return self.version, {k: v.detach().clone() for k, v in self.params.items()}
+
+    # ---- updates ------------------------------------------------------------------------------------------------
+
+    def _check_block(self, grads) -> str | None:
+        """Why one block's gradients are unusable, or None."""
+        if not isinstance(grads, dict):
+            return f"gradients are a {type(grads).__name__}, not a dict of tensors"
+        missing, extra = sorted(self.params.keys() - grads.keys()), sorted(grads.keys() - self.params.keys())
+        if missing or extra:
+            return f"keys differ from the parameters (missing {missing[:3]}, unexpected {extra[:3]})"
+        for name, p in self.params.items():
+            g = grads[name]
+            if not isinstance(g, torch.Tensor) or g.shape != p.shape:
+                shape = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
+                return f"{name} has shape {shape}, parameter has {tuple(p.shape)}"
+            if not g.dtype.is_floating_point:
+                return f"{name} has dtype {g.dtype}"
+            if not bool(torch.isfinite(g).all()):
+                return f"{name} has non-finite values"
+        return None
+
+    def _check(self, meta: dict, blocks) -> str | None:
+        """Why a contribution (a list of block sums described by ``meta``) is unusable, or None."""
+        if not isinstance(blocks, (list, tuple)) or not blocks:
+            return f"expected a non-empty list of gradient blocks, got {type(blocks).__name__}"
+        slots = meta.get("blocks")
+        if not isinstance(slots, list) or len(slots) != len(blocks) or not all(slots):
+            return "meta['blocks'] must list the slots of each gradient block"
+        n = meta.get("n_tasks")
+        if not isinstance(n, int) or n < 1 or n != sum(len(b) for b in slots):
+            return f"n_tasks must be the positive number of slots in its blocks, got {n!r}"
+        for b in blocks:
+            why = self._check_block(b)
+            if why is not None:
+                return why
+        return None
+
+    def apply_gradients(self, step: int, metas: list[dict], grads: list[list[Params]]) -> dict:
+        """Validate, average (weighted by task count) and apply one optimizer step as ``step``; see module docstring.
+
+        Returns what happened: ``applied``, ``version``, ``rejected`` (list of strings), ``stale_dropped``,
+        ``staleness`` (per accepted contribution), ``tasks``, ``lr``, ``grad_norm``, ``apply_s`` and the counters.
+        """
+        t0 = time.perf_counter()
+        out = {"step": step, "applied": False, "rejected": [], "stale_dropped": 0, "staleness": [], "tasks": 0}
+        if step <= self.version:
+            self.counters["duplicates"] += 1
+            out.update(reason=f"step {step} was already applied (version {self.version})", version=self.version,
+                       counters=dict(self.counters))
+            return out
+        accepted = []
+        for meta, g in zip(metas, grads):
+            staleness = self.version - int(meta.get("version", -1))
+            limit = 0 if self.max_staleness is None else self.max_staleness
+            if staleness < 0 or staleness > limit:
+                if self.max_staleness is None or staleness < 0:
+                    why = f"computed on weights version {meta.get('version')}, current is {self.version}"
+                    out["rejected"].append(str(Rejection(meta.get("worker", -1), step, why)))
+                    self.counters["rejected"] += 1
+                else:
+                    out["stale_dropped"] += 1
+                    self.counters["stale_dropped"] += 1
+                continue
+            why = self._check(meta, g)
+            if why is not None:
+                out["rejected"].append(str(Rejection(meta.get("worker", -1), step, why)))
+                self.counters["rejected"] += 1
+                continue
+            accepted.append((meta, g))
+            out["staleness"].append(staleness)
+        if not accepted:
+            out.update(reason="no usable contribution", version=self.version, counters=dict(self.counters))
+            return out
+
+        # Mean over tasks: every block is a sum over its tasks, so add the blocks and divide once. The blocks are
+        # added in slot order, whichever worker sent them and whenever it arrived: a sync step's gradient is then
+        # the same float32 sum for 1 or 16 workers (Adam would otherwise amplify the rounding differences in
+        # gradients that are ~0, such as a conv bias followed by batch norm).
+        blocks = sorted((meta["blocks"][i][0], g) for meta, gs in accepted for i, g in enumerate(gs))
+        tasks = sum(m["n_tasks"] for m, _ in accepted)
+        lr = learning_rate(self.optim_cfg, step, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with torch.no_grad():
+            for name, p in self.params.items():
+                total = blocks[0][1][name].to(torch.float32).clone()
+                for _, g in blocks[1:]:
+                    total += g[name].to(torch.float32)
+                p.grad = total.div_(tasks)
+        norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()),
+                                              self.optim_cfg.grad_clip if self.optim_cfg.grad_clip else math.inf)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.version = step
+        out.update(applied=True, version=self.version, tasks=tasks, lr=lr, grad_norm=float(norm),
+                   counters=dict(self.counters))
+        if self.checkpoint_dir is not None and step % self.checkpoint_every == 0:
+            self.checkpoint()
+        out["apply_s"] = time.perf_counter() - t0
+        return out
+
+    # ---- checkpoints --------------------------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        return {
+            "format": "metatrain-checkpoint/1",
+            "fingerprint": self.fingerprint,
+            "step": self.version,
+            "params": {k: v.detach().clone() for k, v in self.params.items()},
+            "buffers": {k: v.clone() for k, v in self.buffers.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None,  # the schedule is a pure function of the step (learning_rate); nothing to store
+            "rng": capture_rng(),
+            "config": self.config,
+            "extra": {**self.extra, "counters": dict(self.counters)},
+        }
+
+    def load_state(self, state: dict) -> None:
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(state["params"][k])
+        for k in self.buffers:
+            if k in state.get("buffers", {}):
+                self.buffers[k] = state["buffers"][k].clone()
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.version = int(state["step"])
+        self.extra = dict(state.get("extra") or {})
+        self.counters.update(self.extra.pop("counters", {}))
+        if state.get("rng"):
+            restore_rng(state["rng"])
+        self.restored_from = f"step {self.version}"
+
+    def checkpoint(self, name: str | None = None) -> str | None:
+        """Write a periodic checkpoint (``name=None``) or a named one (``best``, ``final``); return its path."""
+        if self.checkpoint_dir is None:
+            return None
+        if name is None:
+            return str(save_checkpoint(self.checkpoint_dir, self.state(), keep=self.keep_checkpoints))
+        return str(save_named(self.checkpoint_dir, name, self.state()))
+
+    def set_extra(self, **values) -> None:
+        """Small facts stored in the next checkpoints (best validation accuracy, MLflow run id, ...)."""
+        self.extra.update(values)

@@ -1,0 +1,183 @@
+"""The training loop over an Engine: sync steps (or async pushes), validation, metrics, fault recovery.
+
+``Trainer.run(start_step)`` drives ``train.steps`` outer steps. Sync mode, per step: fetch the weights reference of
+the current version, have the workers compute the step's ``train.meta_batch`` slots (``Engine.compute``), forward
+their gradient references to the parameter server (one optimizer step), log. If the parameter server dies, the loop
+continues from the step after its restored checkpoint; if a worker dies, the engine recomputes its slots. Async mode:
+each worker computes on the newest weights and its push is applied as it arrives, unless too stale.
+
+The tracker is anything with ``log_metrics(metrics: dict, step: int)`` (the MLflow ``RunTracker`` in a real run).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+from ray.exceptions import RayActorError
+
+from pipeline.config import Config
+from pipeline.engine import Engine, EngineError, WeightsLost
+
+
+def _mean_metrics(metas: list[dict]) -> dict[str, float]:
+    """Task-weighted means of the workers' per-task-mean metrics."""
+    n = sum(m["n_tasks"] for m in metas)
+    keys = set().union(*(m["metrics"] for m in metas))
+    return {k: sum(m["metrics"].get(k, 0.0) * m["n_tasks"] for m in metas) / n for k in sorted(keys)}
+
+
+TRAIN_NAMES = {"query_loss": "train/loss", "query_acc": "train/acc", "support_loss": "train/support_loss",
+               "support_acc": "train/support_acc"}
+
+
+class Trainer:
+    """Runs the loop of one run on an Engine, logging to a RunTracker."""
+
+    def __init__(self, cfg: Config, engine: Engine, tracker, out_dir: Path, quiet: bool = False):
+        self.cfg, self.engine, self.tracker, self.out_dir = cfg, engine, tracker, out_dir
+        self.history: list[dict] = []
+        self.best_val = -math.inf
+        self.quiet = quiet
+        self.started = time.monotonic()
+
+    def _log_step(self, step: int, metas: list[dict], applied: dict, step_s: float, tasks: int) -> dict:
+        m = {TRAIN_NAMES.get(k, f"train/{k}"): v for k, v in _mean_metrics(metas).items()}
+        c = applied.get("counters", {})
+        stal = applied.get("staleness") or [0]
+        m |= {"ps/staleness": float(np.mean(stal)), "ps/staleness_max": float(max(stal)),
+              "ps/rejected": c.get("rejected", 0), "ps/stale_dropped": c.get("stale_dropped", 0),
+              "ps/lr": applied.get("lr", 0.0), "ps/grad_norm": applied.get("grad_norm", 0.0),
+              "ps/apply_s": applied.get("apply_s", 0.0), "time/step_s": step_s,
+              "time/tasks_per_s": tasks / step_s if step_s > 0 else 0.0,
+              "time/compute_s": max(x["compute_s"] for x in metas),
+              "faults/worker_failures": self.engine.faults.worker_failures,
+              "faults/ps_restarts": self.engine.faults.ps_restarts}
+        for r in applied.get("rejected", []):
+            print(f"metatrain: warning: parameter server rejected a contribution: {r}", file=sys.stderr)
+        self.tracker.log_metrics(m, step=step)
+        self.history.append({"step": step, **m})
+        return m
+
+    def validate(self, step: int) -> float:
+        _, ref = self.engine.get_weights()
+        rows = self.engine.evaluate(ref, "val", 0, self.cfg.train.val_tasks)  # the same val tasks every time
+        key = "query_acc" if "query_acc" in rows[0] else "query_loss"
+        value = float(np.mean([r[key] for r in rows]))
+        score = value if key == "query_acc" else -value
+        name = "val/acc" if key == "query_acc" else "val/mse"
+        metrics = {name: value, "val/loss": float(np.mean([r["query_loss"] for r in rows]))}
+        self.tracker.log_metrics(metrics, step=step)
+        self.history.append({"step": step, **metrics})
+        if score > self.best_val:
+            self.best_val = score
+            ray.get(self.engine.ps.set_extra.remote(best_val=value, best_step=step))
+            ray.get(self.engine.ps.checkpoint.remote("best"))
+        return value
+
+    def run(self, start_step: int) -> int:
+        """Train from ``start_step`` (1-based) to train.steps or the time budget; return the last applied step."""
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        bar = tqdm(total=cfg.train.steps, initial=start_step - 1, desc="train", unit="step", disable=self.quiet,
+                   dynamic_ncols=True, file=sys.stderr)
+        last_val = None
+        try:
+            if cfg.train.mode == "async":
+                return self._run_async(start_step, bar)
+            step = start_step
+            while step <= cfg.train.steps:
+                if cfg.train.time_budget_s and time.monotonic() - self.started > cfg.train.time_budget_s:
+                    bar.write(f"time budget of {cfg.train.time_budget_s:g} s reached after step {step - 1}")
+                    break
+                t0 = time.perf_counter()
+                try:
+                    version, ref = self.engine.get_weights()
+                    if version != step - 1:  # a restored parameter server is behind (or ahead of) the loop
+                        step = version + 1
+                        bar.n = version
+                        continue
+                    results = self.engine.compute(step, version, ref, range(cfg.train.meta_batch))
+                    applied = self.engine.apply(step, [m for m, _ in results], [g for _, g in results])
+                except (RayActorError, WeightsLost):
+                    step = self.engine.recover_parameter_server() + 1
+                    bar.n = step - 1
+                    continue
+                if not applied["applied"]:
+                    raise EngineError(f"step {step} could not be applied: {applied.get('reason')}; "
+                                      f"{'; '.join(applied['rejected'])}")
+                metas = [m for m, _ in results]
+                m = self._log_step(step, metas, applied, time.perf_counter() - t0, applied["tasks"])
+                if cfg.train.val_every and step % cfg.train.val_every == 0:
+                    last_val = self.validate(step)
+                bar.update(1)
+                post = {"loss": f"{m.get('train/loss', float('nan')):.3f}"}
+                if "train/acc" in m:
+                    post["acc"] = f"{m['train/acc']:.3f}"
+                if last_val is not None:
+                    post["val"] = f"{last_val:.3f}"
+                bar.set_postfix(post, refresh=False)
+                step += 1
+            return step - 1
+        finally:
+            bar.close()
+
+    def _run_async(self, start_step: int, bar) -> int:
+        """Workers pull the newest weights and push as they finish; the PS drops contributions that are too stale."""
+        cfg = self.cfg
+        per_push = max(1, math.ceil(cfg.train.meta_batch / cfg.workers.count))
+        applied_step = start_step - 1
+        submission = applied_step * cfg.workers.count  # episode keys: one fresh step id per submission
+        in_flight: dict = {}
+
+        def submit(ws):
+            nonlocal submission
+            submission += 1
+            version, ref = self.engine.get_weights()
+            meta_ref, grad_ref = ws.handle.compute.remote(submission, version, ref, [list(range(per_push))])
+            in_flight[meta_ref] = (ws, grad_ref, time.perf_counter())
+
+        for ws in self.engine.alive():
+            submit(ws)
+        while applied_step < cfg.train.steps:
+            if cfg.train.time_budget_s and time.monotonic() - self.started > cfg.train.time_budget_s:
+                bar.write(f"time budget of {cfg.train.time_budget_s:g} s reached after step {applied_step}")
+                break
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=cfg.workers.task_timeout_s)
+            if not ready:
+                raise EngineError(f"no worker answered within workers.task_timeout_s = "
+                                  f"{cfg.workers.task_timeout_s:g} s")
+            ws, grad_ref, t0 = in_flight.pop(ready[0])
+            try:
+                meta = ray.get(ready[0])
+                applied = self.engine.apply(applied_step + 1, [meta], [grad_ref])
+            except WeightsLost:
+                applied_step = self.engine.recover_parameter_server()
+                submit(ws)
+                continue
+            except RayActorError:
+                try:
+                    self.engine.ps_status(timeout=5)
+                except Exception:  # the parameter server itself is gone: wait for its restart
+                    applied_step = self.engine.recover_parameter_server()
+                else:
+                    self.engine._fail(ws, list(range(per_push)), "actor died")
+                submit(ws if ws.alive else self.engine.alive()[0])
+                continue
+            if applied["applied"]:
+                applied_step += 1
+                self._log_step(applied_step, [meta], applied, time.perf_counter() - t0, applied["tasks"])
+                if cfg.train.val_every and applied_step % cfg.train.val_every == 0:
+                    self.validate(applied_step)
+                bar.update(1)
+            elif applied.get("stale_dropped"):
+                self.tracker.log_metrics({"ps/stale_dropped": applied["counters"]["stale_dropped"]},
+                                         step=applied_step)
+            submit(ws)
+        ray.wait(list(in_flight), num_returns=len(in_flight), timeout=cfg.workers.task_timeout_s)
+        return applied_step
