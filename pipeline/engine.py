@@ -71,6 +71,18 @@ class FaultLog:
     events: list[str] = field(default_factory=list)
 
 
+def check_resources(cfg: Config) -> None:
+    """Refuse, with one line, a worker set-up the connected Ray cluster cannot hold (rather than hang placing it)."""
+    w = cfg.workers
+    total = ray.cluster_resources()
+    if w.gpus > 0 and total.get("GPU", 0) < w.gpus * w.count - 1e-9:
+        raise ConfigError(f"workers.gpus = {w.gpus:g} x {w.count} workers needs {w.gpus * w.count:g} GPUs; the Ray "
+                          f"cluster has {total.get('GPU', 0):g} (set workers.gpus=0 to train on CPUs)")
+    if total.get("CPU", 0) < w.cpus * w.count - 1e-9:
+        raise ConfigError(f"workers.cpus = {w.cpus:g} x {w.count} workers needs {w.cpus * w.count:g} CPUs; the Ray "
+                          f"cluster has {total.get('CPU', 0):g} (lower workers.count or workers.cpus)")
+
+
 class Engine:
     """The actors of one run and the loops that feed them; see the module docstring."""
 
@@ -79,7 +91,7 @@ class Engine:
         self.log = log
         self.faults = FaultLog()
         w = cfg.workers
-        self._check_resources()
+        check_resources(cfg)
         bundle = {"CPU": w.cpus} | ({"GPU": w.gpus} if w.gpus else {})
         if not any(bundle.values()):
             bundle = {"CPU": 0.01}  # a placement group bundle cannot be empty
@@ -107,16 +119,6 @@ class Engine:
         self._wait_ready()
 
     # ---- set-up -------------------------------------------------------------------------------------------------
-
-    def _check_resources(self) -> None:
-        w = self.cfg.workers
-        total = ray.cluster_resources()
-        if w.gpus > 0 and total.get("GPU", 0) < w.gpus * w.count - 1e-9:
-            raise ConfigError(f"workers.gpus = {w.gpus} x {w.count} workers needs {w.gpus * w.count:g} GPUs; the Ray "
-                              f"cluster has {total.get('GPU', 0):g} (set workers.gpus=0 to train on CPUs)")
-        if total.get("CPU", 0) < w.cpus * w.count - 1e-9:
-            raise ConfigError(f"workers.cpus = {w.cpus} x {w.count} workers needs {w.cpus * w.count:g} CPUs; the Ray "
-                              f"cluster has {total.get('CPU', 0):g} (lower workers.count or workers.cpus)")
 
     def _wait_ready(self) -> None:
         refs = {self.ps.status.remote(): "parameter server"}

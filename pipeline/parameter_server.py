@@ -5,9 +5,10 @@ optimizer and a version counter (= applied steps). Workers send *contributions*:
 computed, the sum of those tasks' meta-gradients, plus how many tasks went in. ``apply_gradients(step, metas, grads)``
 checks each contribution (same keys and shapes as the parameters, finite, computed on recent-enough weights), adds
 the accepted blocks in slot order (the same additions in the same order however the blocks were spread over
-workers), divides by the task count, and takes exactly one optimizer step. A step id at or below the last applied one is refused, so a call retried after a timeout
-or a driver restart never applies twice. Every ``checkpoint_every`` steps it checkpoints itself atomically, and its
-constructor restores the newest checkpoint: a parameter server restarted by Ray resumes where it stopped.
+workers), divides by the task count, and takes exactly one optimizer step. A step id at or below the last applied
+one is refused, so a call retried after a timeout or a driver restart never applies twice. Every
+``checkpoint_every`` steps it checkpoints itself atomically, and its constructor restores the newest checkpoint: a
+parameter server restarted by Ray resumes where it stopped.
 
 The Ray actor in ``pipeline/actors.py`` is a thin shell around this class; tests drive it directly.
 
@@ -235,7 +236,7 @@ class ParameterServerCore:
             return None
         if name is None:
             return str(save_checkpoint(self.checkpoint_dir, self.state(), keep=self.keep_checkpoints))
-        return str(save_named(self.checkpoint_dir, name, self.state()))
+        return str(save_named(self.checkpoint_dir, f"{name}.pt", self.state()))
 
     def set_extra(self, **values) -> None:
         """Small facts stored in the next checkpoints (best validation accuracy, MLflow run id, ...)."""

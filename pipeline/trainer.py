@@ -84,7 +84,9 @@ class Trainer:
         from tqdm import tqdm
 
         cfg = self.cfg
-        bar = tqdm(total=cfg.train.steps, initial=start_step - 1, desc="train", unit="step", disable=self.quiet,
+        # disable=None: a bar on a terminal, none in logs and CI; --quiet turns it off everywhere.
+        bar = tqdm(total=cfg.train.steps, initial=start_step - 1, desc="train", unit="step",
+                   disable=True if self.quiet else None,
                    dynamic_ncols=True, file=sys.stderr)
         last_val = None
         try:

@@ -27,7 +27,8 @@ def test_every_config_loads_and_round_trips(path):
 
 def test_values_of_a_shipped_config():
     cfg = load_config(REPO / "configs" / "omniglot_maml_20w1s.yaml")
-    assert (cfg.data.ways, cfg.algorithm.name, cfg.algorithm.inner_steps, cfg.algorithm.inner_lr) == (20, "maml", 5, 0.1)
+    got = (cfg.data.ways, cfg.algorithm.name, cfg.algorithm.inner_steps, cfg.algorithm.inner_lr)
+    assert got == (20, "maml", 5, 0.1)
     rep = load_config(REPO / "configs" / "omniglot_reptile_5w1s.yaml")
     assert rep.algorithm.reptile_adam_betas == (0.0, 0.999) and rep.optim.name == "sgd"
 

@@ -14,8 +14,8 @@ import ray
 import torch
 
 from pipeline.config import load_config
-from pipeline.trainer import Trainer
 from pipeline.engine import Engine, split_slots
+from pipeline.trainer import Trainer
 
 pytestmark = pytest.mark.data
 
@@ -106,7 +106,8 @@ def test_a_killed_worker_is_recomputed_and_the_result_unchanged(clean, omniglot_
         state = {"killed": False}
         engine.dispatch = dispatch
 
-    last, version, weights, faults, _ = run(tiny(omniglot_store, "workers.count=2"), tmp_path, "kill", kill_worker_mid_step)
+    cfg = tiny(omniglot_store, "workers.count=2")
+    last, version, weights, faults, _ = run(cfg, tmp_path, "kill", kill_worker_mid_step)
     assert last == version == STEPS
     assert faults.worker_failures >= 1 and faults.recomputed_slots >= 2
     assert any("worker 0 lost 2 slots" in e for e in faults.events)
@@ -131,7 +132,8 @@ def test_a_killed_parameter_server_restarts_from_its_checkpoint(clean, omniglot_
         state = {"killed": False}
         engine.apply = apply
 
-    last, version, weights, faults, _ = run(tiny(omniglot_store, "workers.count=2"), tmp_path, "ps", kill_ps_before_step_4)
+    cfg = tiny(omniglot_store, "workers.count=2")
+    last, version, weights, faults, _ = run(cfg, tmp_path, "ps", kill_ps_before_step_4)
     assert last == version == STEPS and faults.ps_restarts == 1
     assert any("restored step 2" in e for e in faults.events)
     # Steps 1-3 on the first server, then (checkpoint at 2) steps 3-5 on the restarted one: each server applied
