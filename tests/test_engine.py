@@ -144,3 +144,18 @@ def test_a_killed_parameter_server_restarts_from_its_checkpoint(clean, omniglot_
     assert [s for p, s in applied_steps if p == first] == [1, 2, 3]
     assert [s for p, s in applied_steps if p == second] == [3, 4, 5]
     assert_same(weights, clean[2])
+
+
+def test_async_mode_applies_fresh_pushes_and_drops_stale_ones(omniglot_store, tmp_path):
+    cfg = tiny(omniglot_store, "workers.count=2", "train.mode=async", "train.max_staleness=0", "train.steps=6")
+    last, version, weights, faults, metrics = run(cfg, tmp_path, "async")
+    assert last == version == 6
+    steps = [s for s, m in metrics if "train/loss" in m]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    # With two workers pushing and no staleness allowed, a worker's push computed on weights its peer has moved
+    # since is dropped and counted; every applied push had staleness 0.
+    applied = [m for _, m in metrics if "train/loss" in m]
+    assert all(m["ps/staleness"] == 0 for m in applied)
+    dropped = max(m.get("ps/stale_dropped", 0) for _, m in metrics)
+    assert dropped >= 1
+    assert all(torch.isfinite(w).all() for w in weights.values())

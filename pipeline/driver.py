@@ -1,0 +1,368 @@
+"""The driver: one training run from config to evaluated, tracked, checkpointed model.
+
+    metatrain train configs/omniglot_fomaml_5w1s.yaml --out runs/fomaml --set train.steps=300
+    metatrain train configs/omniglot_fomaml_5w1s.yaml --resume <MLFLOW_RUN_ID>
+    metatrain eval --run <MLFLOW_RUN_ID> --tasks 600
+
+Order of a run, chosen so that bad input fails before anything is started or written:
+1. config, data store, samplers and model are built in-process (a typo, a missing store or an impossible episode
+   stops here with one line);
+2. the tracking store is checked (an unreachable MLflow server stops here), then Ray is joined or started;
+3. the MLflow run starts (or, with --resume, the same run continues), the actors are placed, and the loop runs;
+4. at the end: final checkpoint, test evaluation on ``train.eval_tasks`` episodes of the test split (mean accuracy
+   with a 95% CI = 1.96 sigma / sqrt(n)), ``OUT/eval.json``, ``OUT/eval_tasks.parquet``, learning curve, artifacts,
+   the model logged (and registered with --register).
+The MLflow run ends FINISHED, FAILED (an exception) or KILLED (Ctrl-C); never RUNNING.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import torch
+import yaml
+
+from pipeline.checkpoint import latest_checkpoint, load_checkpoint, load_latest
+from pipeline.components import build_model, build_sampler, fingerprint, image_shape, open_store
+from pipeline.config import Config, ConfigError, config_from_dict, load_config
+from pipeline.engine import Engine, EngineError, check_resources
+from pipeline.tracking import (
+    RunTracker,
+    TrackingError,
+    check_tracking,
+    default_artifact_root,
+    flatten_config,
+    learning_curve_figure,
+    resolve_tracking_uri,
+)
+from pipeline.trainer import Trainer
+from pipeline.worker import TaskWorkerCore
+from tasks.errors import MetatrainError
+
+OUT_TAG = "metatrain.out_dir"
+
+
+class RunError(MetatrainError):
+    """A run cannot start or continue as asked (unknown --resume run, an occupied --out, ...)."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Ray
+# --------------------------------------------------------------------------------------------------------------
+
+def init_ray(address: str | None) -> bool:
+    """Join the Ray cluster at ``address`` (or $RAY_ADDRESS), else start a local one; True if we started it.
+
+    A Ray already initialised in this process (tests, notebooks) is used as it is. A local Ray binds its dashboard
+    to 127.0.0.1 only.
+    """
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except (ConnectionError, ValueError, RuntimeError, TimeoutError) as e:
+            raise EngineError(f"--ray-address {address}: cannot connect to a Ray cluster there "
+                              f"({str(e).strip().splitlines()[0]})") from None
+        return False
+    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+    return True
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Evaluation summaries
+# --------------------------------------------------------------------------------------------------------------
+
+def summarize(rows: list[dict], cfg: Config, split: str, extra: dict | None = None) -> dict:
+    """eval.json: mean of the per-task metric with a 95% normal CI (1.96 * sample std / sqrt(n))."""
+    key = "query_acc" if "query_acc" in rows[0] else "query_loss"
+    values = np.array([r[key] for r in rows], dtype=np.float64)
+    n = len(values)
+    ci = 1.96 * values.std(ddof=1) / math.sqrt(n) if n > 1 else float("nan")
+    out = {
+        "metric": "accuracy" if key == "query_acc" else "mse",
+        ("accuracy" if key == "query_acc" else "mse"): float(values.mean()),
+        "ci95": float(ci),
+        "tasks": n,
+        "split": split,
+        "ways": cfg.data.ways,
+        "shots": cfg.data.shots,
+        "queries": cfg.data.queries,
+        "inner_steps": cfg.algorithm.eval_inner_steps,
+        "algorithm": cfg.algorithm.name,
+        "eval_seed": cfg.train.eval_seed,
+    }
+    if "query_loss" in rows[0] and key != "query_loss":
+        out["loss"] = float(np.mean([r["query_loss"] for r in rows]))
+    return out | (extra or {})
+
+
+def write_eval(out_dir: Path, summary: dict, rows: list[dict]) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    js, pqf = out_dir / "eval.json", out_dir / "eval_tasks.parquet"
+    tmp = js.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, js)
+    tmp = pqf.with_suffix(".parquet.tmp")
+    pq.write_table(pa.Table.from_pylist(rows), tmp)
+    os.replace(tmp, pqf)
+    return js, pqf
+
+
+def describe(summary: dict) -> str:
+    if summary["metric"] == "accuracy":
+        return (f"{summary['ways']}-way {summary['shots']}-shot accuracy {100 * summary['accuracy']:.2f}% "
+                f"± {100 * summary['ci95']:.2f}% (95% CI, {summary['tasks']} tasks of {summary['split']})")
+    return f"MSE {summary['mse']:.4f} ± {summary['ci95']:.4f} (95% CI, {summary['tasks']} tasks)"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    run_id: str
+    out_dir: Path
+    summary: dict
+    final_step: int
+    tracking_uri: str
+
+
+def _preflight(cfg: Config, checkpoint_dir: Path | None = None) -> None:
+    """Build everything that can fail on bad input, in-process, before Ray or MLflow is touched.
+
+    With ``checkpoint_dir`` (resume), its newest checkpoint must load and match this model and config.
+    """
+    store = open_store(cfg)
+    for split in ("train", "val", "test"):
+        build_sampler(cfg, store, split)
+    model = build_model(cfg, image_shape(cfg))
+    if checkpoint_dir is not None:
+        load_latest(checkpoint_dir, expected_fingerprint=fingerprint(cfg, model))
+
+
+def _find_run_out(run_id: str, tracking_uri: str | None) -> tuple[Path, str]:
+    """The out folder and tracking URI of an earlier run, from the tracking store (default layout: runs/*/)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    candidates = ([tracking_uri] if tracking_uri
+                  else [f"sqlite:///{p.resolve()}" for p in sorted(Path("runs").glob("*/mlflow.db"))])
+    for uri in candidates:
+        try:
+            run = MlflowClient(tracking_uri=uri).get_run(run_id)
+        except MlflowException:
+            continue
+        out = run.data.tags.get(OUT_TAG)
+        if out:
+            return Path(out), uri
+    where = tracking_uri or "runs/*/mlflow.db"
+    raise RunError(f"--resume {run_id}: no such metatrain run in {where} (pass --tracking-uri or --out of the run)")
+
+
+def _sigterm_as_interrupt():
+    """Make SIGTERM (a scheduler or `ray job stop`) end the run like Ctrl-C: checkpointed, MLflow status KILLED."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def _check_out_dir(out: Path, resuming: bool) -> None:
+    ckpt = out / "checkpoints"
+    if not resuming and ckpt.is_dir() and latest_checkpoint(ckpt) is not None:
+        raise RunError(f"--out {out} already holds checkpoints of another run; pass --resume RUN_ID to continue it "
+                       f"or choose a new --out")
+
+
+def train(config_path: str | None, overrides: list[str] = (), *, out: str | None = None,
+          ray_address: str | None = None, resume: str | None = None, tracking_uri: str | None = None,
+          register: str | None = None, quiet: bool = False) -> TrainResult:
+    """Train one run end to end (see the module docstring); return where everything went."""
+    if resume:
+        out_dir, found_uri = _find_run_out(resume, tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or
+                                           (f"sqlite:///{Path(out).resolve()}/mlflow.db" if out else None))
+        tracking_uri = tracking_uri or found_uri
+        saved = out_dir / "config.yaml"
+        if config_path is None and saved.is_file():
+            config_path = str(saved)
+    else:
+        out_dir = Path(out) if out else Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
+    cfg = load_config(config_path, overrides)
+    if register:
+        cfg = cfg.replace(tracking=cfg.tracking.__class__(**{**cfg.to_dict()["tracking"], "register": register}))
+    _preflight(cfg, out_dir / "checkpoints" if resume else None)
+    _check_out_dir(out_dir, resuming=bool(resume))
+    uri = resolve_tracking_uri(tracking_uri or cfg.tracking.uri, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check_tracking(uri)
+    started_ray = init_ray(ray_address)
+    try:
+        check_resources(cfg)
+    except BaseException:
+        if started_ray:
+            ray.shutdown()
+        raise
+    # spill_dir: metrics the store could not take by the end are kept there (and sent first on --resume).
+    tracker = RunTracker(uri, experiment=cfg.tracking.experiment, run_id=resume, run_name=cfg.tracking.run_name,
+                         artifact_root=default_artifact_root(out_dir), system_metrics=cfg.tracking.system_metrics,
+                         spill_dir=out_dir / "mlflow-spill")
+    engine = None
+    restore_sigterm = _sigterm_as_interrupt()
+    try:
+        tracker.start(flatten_config(cfg.to_dict()),
+                      tags={OUT_TAG: str(out_dir.resolve()), "metatrain.algorithm": cfg.algorithm.name,
+                            "metatrain.config": str(config_path or "defaults")})
+        with tracker:  # FINISHED on success, FAILED on an exception, KILLED on Ctrl-C
+            (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            tracker.log_artifact(str(out_dir / "config.yaml"))
+            engine = Engine(cfg, str((out_dir / "checkpoints").resolve()),
+                            log=lambda s: print(f"metatrain: {s}", file=sys.stderr))
+            start = engine.ps_status()["version"] + 1
+            if resume:
+                print(f"metatrain: resuming run {resume} at step {start}", file=sys.stderr)
+            ray.get(engine.ps.set_extra.remote(run_id=tracker.run_id))
+            trainer = Trainer(cfg, engine, tracker, out_dir, quiet=quiet)
+            try:
+                last = trainer.run(start)
+            except KeyboardInterrupt:
+                ray.get(engine.ps.checkpoint.remote(), timeout=30)  # resume loses nothing applied so far
+                raise
+            final = ray.get(engine.ps.checkpoint.remote("final"))
+            if cfg.train.val_every and last % cfg.train.val_every:
+                trainer.validate(last)  # the final weights are validated too, so best.pt can be them
+            _, ref = engine.get_weights()
+            rows = engine.evaluate(ref, "test", 0, cfg.train.eval_tasks)
+            summary = summarize(rows, cfg, cfg.data.test_split, {"step": last, "run_id": tracker.run_id,
+                                                                  "checkpoint": "final"})
+            js, pqf = write_eval(out_dir, summary, rows)
+            tracker.log_metrics({f"test/{summary['metric']}": summary[summary["metric"]],
+                                 "test/ci95": summary["ci95"]}, step=last)
+            for path in (js, pqf, final, out_dir / "checkpoints" / "best.pt"):
+                if Path(path).is_file():
+                    tracker.log_artifact(str(path), "checkpoints" if str(path).endswith(".pt") else None)
+            fig = learning_curve_figure(trainer.history)
+            tracker.log_figure(fig, "learning_curve.png")
+            fig.savefig(out_dir / "learning_curve.png", dpi=100)
+            model = model_from_checkpoint(cfg, load_checkpoint(final))
+            # An input example makes MLflow save the model as pt2 (torch.export): loading it runs no pickle.
+            shape = image_shape(cfg)
+            example = np.zeros((cfg.data.ways, *shape) if shape else (cfg.data.shots, 1), dtype=np.float32)
+            model_uri = tracker.log_model(model, registered_name=cfg.tracking.register, input_example=example)
+            tracker.set_tags({"metatrain.final_step": str(last), f"metatrain.test_{summary['metric']}":
+                              f"{summary[summary['metric']]:.6f}", "metatrain.test_ci95": f"{summary['ci95']:.6f}",
+                              "metatrain.model_uri": str(model_uri)})
+            print(describe(summary))
+            print(f"run {tracker.run_id}: {out_dir}/eval.json; browse with: mlflow ui --backend-store-uri {uri}")
+            return TrainResult(tracker.run_id, out_dir, summary, last, uri)
+    finally:
+        restore_sigterm()
+        if engine is not None:
+            engine.shutdown()
+        if started_ray:
+            ray.shutdown()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Evaluation of a finished run or a registered model
+# --------------------------------------------------------------------------------------------------------------
+
+def model_from_checkpoint(cfg: Config, state: dict) -> torch.nn.Module:
+    """The plain nn.Module with the checkpoint's weights (extra meta-parameters such as Meta-SGD rates dropped)."""
+    model = build_model(cfg, image_shape(cfg))
+    own = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, p in own.items():
+            p.copy_(state["params"][k])
+    return model
+
+
+def _checkpoint_of(run: str | None, model_uri: str | None, tracking_uri: str | None) -> tuple[dict, str]:
+    """(checkpoint state, description) of ``--run RUN_ID`` or ``--model models:/NAME@ALIAS`` (or /VERSION)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    if run:
+        out_dir, _ = _find_run_out(run, tracking_uri)
+        ckpt_dir = out_dir / "checkpoints"
+        path = ckpt_dir / "final.pt" if (ckpt_dir / "final.pt").is_file() else latest_checkpoint(ckpt_dir)
+        if path is None:
+            raise RunError(f"--run {run}: no checkpoint in {ckpt_dir}")
+        return load_checkpoint(path), f"run {run} ({path})"
+    if not model_uri or not model_uri.startswith("models:/"):
+        raise RunError(f"--model must look like models:/NAME@ALIAS or models:/NAME/VERSION, got {model_uri!r}")
+    client = MlflowClient(tracking_uri=tracking_uri)
+    ref = model_uri[len("models:/"):]
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            mv = client.get_model_version_by_alias(name, alias)
+        else:
+            name, version = ref.rsplit("/", 1)
+            mv = client.get_model_version(name, version)
+    except (MlflowException, ValueError) as e:
+        raise RunError(f"--model {model_uri}: not found in {tracking_uri} ({str(e).splitlines()[0]})") from None
+    import tempfile
+
+    # The checkpoint logged next to the model is read with weights_only=True; the pickled MLflow model is not
+    # loaded, so a registry entry can never run code on this machine.
+    local = client.download_artifacts(mv.run_id, "checkpoints/final.pt", tempfile.mkdtemp(prefix="metatrain-"))
+    return load_checkpoint(local), f"{model_uri} (run {mv.run_id}, version {mv.version})"
+
+
+def evaluate(run: str | None = None, model_uri: str | None = None, *, tasks: int | None = None,
+             overrides: list[str] = (), out: str | None = None, tracking_uri: str | None = None) -> dict:
+    """Evaluate a run's final checkpoint (or a registered model) on test episodes; write eval.json and Parquet."""
+    if bool(run) == bool(model_uri):
+        raise RunError("pass exactly one of --run RUN_ID or --model models:/NAME@ALIAS")
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if model_uri and not uri:
+        raise RunError("--model needs the registry: pass --tracking-uri or set MLFLOW_TRACKING_URI")
+    state, what = _checkpoint_of(run, model_uri, uri)
+    try:
+        base = config_from_dict(state["config"])
+    except ConfigError as e:
+        raise RunError(f"{what}: its stored config is not valid here ({e})") from None
+    data = {k: v for k, v in base.to_dict().items()}
+    from pipeline.config import apply_overrides, build
+
+    cfg = build(Config, apply_overrides(data, list(overrides)))
+    if tasks is not None:
+        if tasks < 1:
+            raise ConfigError(f"--tasks must be >= 1, got {tasks}")
+        cfg = cfg.replace(train=cfg.train.__class__(**{**cfg.to_dict()["train"], "eval_tasks": tasks}))
+    _preflight(cfg)
+    core = TaskWorkerCore(cfg, worker_id=0)
+    expected = fingerprint(cfg, core.model)
+    if state.get("fingerprint") and state["fingerprint"] != expected:
+        raise RunError(f"{what}: checkpoint was written for a different model or config (fingerprint "
+                       f"{state['fingerprint']} != {expected}); --set may not change the model or ways")
+    rows = core.evaluate(state["params"], "test", 0, range(cfg.train.eval_tasks))
+    summary = summarize(rows, cfg, cfg.data.test_split, {"step": state["step"], "source": what})
+    out_dir = Path(out) if out else Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")
+    write_eval(out_dir, summary, rows)
+    print(describe(summary))
+    print(f"wrote {out_dir}/eval.json and {out_dir}/eval_tasks.parquet")
+    return summary
+
+
+__all__ = ["TrackingError", "RunError", "train", "evaluate", "init_ray", "summarize"]

@@ -1,0 +1,197 @@
+"""`metatrain train` / `eval` end to end on a real local Ray and a real SQLite MLflow store.
+
+The headline test trains FOMAML 5-way 1-shot with 2 workers until it is clearly above chance on 600 evaluation
+tasks and checks the MLflow run through MlflowClient. The others check resume (same parameters as an uninterrupted
+run), run statuses, and bad input before anything starts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipeline.checkpoint import load_checkpoint
+from pipeline.config import ConfigError
+from pipeline.driver import RunError, evaluate, train
+from pipeline.engine import Engine
+from tasks.errors import DataError
+
+pytestmark = pytest.mark.data
+
+CONFIG = "configs/omniglot_fomaml_5w1s.yaml"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_local():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def no_env_tracking(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+
+
+def quick(store, *extra):
+    return [f"data.path={store}", "model.hidden=8", "algorithm.inner_steps=2", "train.meta_batch=4",
+            "train.val_every=0", "train.eval_tasks=20", "train.checkpoint_every=2", *extra]
+
+
+def test_fomaml_5w1s_two_workers_learns_and_is_tracked(omniglot_store, tmp_path):
+    out = tmp_path / "run"
+    # A CI-sized run: 32 filters, 5 inner steps of 0.1 (10 at test), 100 steps of 8 tasks (about 30 s here).
+    result = train(CONFIG, [f"data.path={omniglot_store}", "model.hidden=32", "algorithm.inner_lr=0.1",
+                            "algorithm.inner_steps=5", "algorithm.eval_inner_steps=10", "train.steps=100",
+                            "train.meta_batch=8", "train.val_every=40", "train.val_tasks=100", "train.eval_tasks=600",
+                            "workers.count=2", "optim.lr=0.003"],
+                   out=str(out), register="omniglot-fomaml", quiet=True)
+    summary = json.loads((out / "eval.json").read_text())
+    assert summary == result.summary
+    assert summary["tasks"] == 600 and summary["ways"] == 5 and summary["shots"] == 1
+    assert summary["accuracy"] >= 0.60, summary  # chance is 0.20
+    assert math.isclose(summary["ci95"], summary["ci95"]) and 0 < summary["ci95"] < 0.05
+    rows = pq.read_table(out / "eval_tasks.parquet").to_pylist()
+    assert len(rows) == 600 and [r["slot"] for r in rows] == list(range(600))
+    assert math.isclose(sum(r["query_acc"] for r in rows) / 600, summary["accuracy"], rel_tol=1e-9)
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db")
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["algorithm.name"] == "fomaml" and run.data.params["train.steps"] == "100"
+    assert run.data.params["workers.count"] == "2"
+    assert [m.step for m in client.get_metric_history(result.run_id, "train/loss")] == list(range(1, 101))
+    for key in ("train/acc", "val/acc", "ps/staleness", "ps/rejected", "time/step_s", "time/tasks_per_s"):
+        assert client.get_metric_history(result.run_id, key), key
+    assert [m.step for m in client.get_metric_history(result.run_id, "val/acc")] == [40, 80, 100]
+    assert run.data.metrics["test/accuracy"] == pytest.approx(summary["accuracy"])
+    assert any(k.startswith("system/") for k in run.data.metrics), sorted(run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"config.yaml", "eval.json", "eval_tasks.parquet", "learning_curve.png", "checkpoints"} <= artifacts
+    assert {a.path for a in client.list_artifacts(result.run_id, "checkpoints")} >= {"checkpoints/final.pt",
+                                                                                      "checkpoints/best.pt"}
+    versions = client.search_model_versions("name='omniglot-fomaml'")
+    assert len(versions) == 1 and versions[0].run_id == result.run_id
+
+    final = load_checkpoint(out / "checkpoints" / "final.pt")
+    assert final["step"] == 100 and final["extra"]["run_id"] == result.run_id
+    # The logged model (pt2: torch.export, no pickle) computes what the final checkpoint's weights compute.
+    import mlflow.pytorch
+    import numpy as np
+
+    from pipeline.components import build_model, image_shape
+    from pipeline.config import config_from_dict
+
+    cfg = config_from_dict(final["config"])
+    reference = build_model(cfg, image_shape(cfg))
+    reference.load_state_dict({k: v for k, v in final["params"].items()}, strict=False)
+    mlflow.set_tracking_uri(f"sqlite:///{out}/mlflow.db")
+    logged = mlflow.pytorch.load_model(run.data.tags["metatrain.model_uri"])
+    x = torch.from_numpy(np.random.default_rng(0).random((5, 1, 28, 28), dtype=np.float32))
+    torch.testing.assert_close(logged(x), reference(x), rtol=1e-4, atol=1e-5)
+
+    # `metatrain eval --run` reproduces the test result from the checkpoint alone (same tasks, same numbers) ...
+    again = evaluate(run=result.run_id, tracking_uri=f"sqlite:///{out}/mlflow.db", out=str(tmp_path / "ev"))
+    assert again["accuracy"] == pytest.approx(summary["accuracy"], abs=1e-6)
+    # ... and so does `--model models:/NAME/1`, read from the registry's run with weights_only=True.
+    by_model = evaluate(model_uri="models:/omniglot-fomaml/1", tracking_uri=f"sqlite:///{out}/mlflow.db",
+                        tasks=50, out=str(tmp_path / "ev2"))
+    assert by_model["tasks"] == 50
+
+
+def test_resume_continues_the_same_run_to_the_same_parameters(omniglot_store, tmp_path, monkeypatch):
+    uninterrupted = train(CONFIG, quick(omniglot_store, "train.steps=6"), out=str(tmp_path / "full"), quiet=True)
+
+    real_apply = Engine.apply
+
+    def stop_at_step_5(self, step, metas, grads):
+        if step == 5:
+            raise KeyboardInterrupt
+        return real_apply(self, step, metas, grads)
+
+    monkeypatch.setattr(Engine, "apply", stop_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train(CONFIG, quick(omniglot_store, "train.steps=6"), out=str(tmp_path / "part"), quiet=True)
+    monkeypatch.setattr(Engine, "apply", real_apply)
+    uri = f"sqlite:///{tmp_path / 'part'}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    (killed,) = client.search_runs([client.get_experiment_by_name("metatrain").experiment_id])
+    assert killed.info.status == "KILLED"
+    assert load_checkpoint(sorted((tmp_path / "part" / "checkpoints").glob("ckpt-*.pt"))[-1])["step"] == 4
+
+    resumed = train(None, out=str(tmp_path / "part"), resume=killed.info.run_id, quiet=True)
+    assert resumed.run_id == killed.info.run_id and resumed.final_step == 6
+    run = client.get_run(resumed.run_id)
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(resumed.run_id, "train/loss")] == [1, 2, 3, 4, 5, 6]
+    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "final.pt")["params"]
+    b = load_checkpoint(tmp_path / "part" / "checkpoints" / "final.pt")["params"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert uninterrupted.summary["accuracy"] == pytest.approx(resumed.summary["accuracy"], abs=1e-6)
+    # Resuming with another architecture is refused before anything starts, naming the checkpoint.
+    from pipeline.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="ckpt-00000006.pt was written for a different model or config"):
+        train(None, ["model.hidden=16", "train.steps=8"], out=str(tmp_path / "part"), resume=resumed.run_id,
+              quiet=True)
+    assert client.get_run(resumed.run_id).info.status == "FINISHED"
+
+
+def test_a_failing_run_ends_failed_and_a_fresh_run_refuses_an_occupied_folder(omniglot_store, tmp_path, monkeypatch):
+    def boom(self, step, metas, grads):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(Engine, "apply", boom)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        train(CONFIG, quick(omniglot_store, "train.steps=2"), out=str(tmp_path / "run"), quiet=True)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'run'}/mlflow.db")
+    (failed,) = client.search_runs([client.get_experiment_by_name("metatrain").experiment_id])
+    assert failed.info.status == "FAILED"
+    monkeypatch.undo()
+    # A new run into a folder that holds another run's checkpoints would silently continue it: refused.
+    (tmp_path / "run" / "checkpoints").mkdir(exist_ok=True)
+    import shutil
+
+    src = tmp_path / "src"
+    train(CONFIG, quick(omniglot_store, "train.steps=2"), out=str(src), quiet=True)
+    shutil.copy(src / "checkpoints" / "ckpt-00000002.pt", tmp_path / "run" / "checkpoints")
+    with pytest.raises(RunError, match="already holds checkpoints of another run"):
+        train(CONFIG, quick(omniglot_store, "train.steps=2"), out=str(tmp_path / "run"), quiet=True)
+
+
+@pytest.mark.parametrize("overrides, error, message", [
+    (["data.path=/nonexistent/store"], DataError, "no prepared store at /nonexistent/store; make it with `metatrain "
+                                                  "prepare omniglot"),
+    (["data.ways=700"], Exception, "ways = 700 exceeds the 100 classes of split 'background/val'"),
+    (["workers.gpus=1"], ConfigError, "workers.gpus = 1 x 2 workers needs 2 GPUs; the Ray cluster has 0"),
+    (["workers.count=3"], ConfigError, "workers.cpus = 1 x 3 workers needs 3 CPUs; the Ray cluster has 2"),
+    (["train.stesp=3"], ConfigError, "did you mean 'train.steps'"),
+])
+def test_bad_input_fails_before_a_run_starts(omniglot_store, tmp_path, overrides, error, message):
+    out = tmp_path / "run"
+    args = [f"data.path={omniglot_store}", *overrides]
+    with pytest.raises(error, match=message):
+        train(CONFIG, args, out=str(out), quiet=True)
+    db = out / "mlflow.db"
+    if db.exists():  # if the store was made, it holds no half-made run
+        client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+        exp = client.get_experiment_by_name("metatrain")
+        assert exp is None or not client.search_runs([exp.experiment_id])
+
+
+def test_unknown_resume_run_and_unreachable_tracking_server(omniglot_store, tmp_path):
+    with pytest.raises(RunError, match="--resume 0123abc: no such metatrain run"):
+        train(CONFIG, [f"data.path={omniglot_store}"], out=str(tmp_path / "r"), resume="0123abc", quiet=True)
+    from pipeline.tracking import TrackingError
+
+    with pytest.raises(TrackingError, match="unreachable"):
+        train(CONFIG, [f"data.path={omniglot_store}"], out=str(tmp_path / "r2"), quiet=True,
+              tracking_uri="http://127.0.0.1:9")
