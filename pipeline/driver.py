@@ -60,6 +60,24 @@ class RunError(MetatrainError):
 # Ray
 # --------------------------------------------------------------------------------------------------------------
 
+def _probe_ray_address(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not minutes, when nothing listens at a Ray address (Ray itself retries for ~5 minutes)."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    target = address.split("://", 1)[-1]
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise EngineError(f"--ray-address {address}: expected HOST:PORT (or ray://HOST:PORT, or auto)")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise EngineError(f"--ray-address {address}: cannot connect to a Ray cluster there ({e.strerror or e}); "
+                          f"start one with `ray start --head` or omit --ray-address for a local Ray") from None
+
+
 def init_ray(address: str | None) -> bool:
     """Join the Ray cluster at ``address`` (or $RAY_ADDRESS), else start a local one; True if we started it.
 
@@ -70,6 +88,7 @@ def init_ray(address: str | None) -> bool:
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
+        _probe_ray_address(address)
         try:
             ray.init(address=address, log_to_driver=True)
         except (ConnectionError, ValueError, RuntimeError, TimeoutError) as e:
@@ -153,7 +172,7 @@ def _preflight(cfg: Config, checkpoint_dir: Path | None = None) -> None:
         load_latest(checkpoint_dir, expected_fingerprint=fingerprint(cfg, model))
 
 
-def _find_run_out(run_id: str, tracking_uri: str | None) -> tuple[Path, str]:
+def _find_run_out(run_id: str, tracking_uri: str | None, flag: str = "--resume") -> tuple[Path, str]:
     """The out folder and tracking URI of an earlier run, from the tracking store (default layout: runs/*/)."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -169,7 +188,7 @@ def _find_run_out(run_id: str, tracking_uri: str | None) -> tuple[Path, str]:
         if out:
             return Path(out), uri
     where = tracking_uri or "runs/*/mlflow.db"
-    raise RunError(f"--resume {run_id}: no such metatrain run in {where} (pass --tracking-uri or --out of the run)")
+    raise RunError(f"{flag} {run_id}: no such metatrain run in {where} (pass --tracking-uri or --out of the run)")
 
 
 def _sigterm_as_interrupt():
@@ -302,7 +321,7 @@ def _checkpoint_of(run: str | None, model_uri: str | None, tracking_uri: str | N
     from mlflow.tracking import MlflowClient
 
     if run:
-        out_dir, _ = _find_run_out(run, tracking_uri)
+        out_dir, _ = _find_run_out(run, tracking_uri, "--run")
         ckpt_dir = out_dir / "checkpoints"
         path = ckpt_dir / "final.pt" if (ckpt_dir / "final.pt").is_file() else latest_checkpoint(ckpt_dir)
         if path is None:
@@ -334,6 +353,8 @@ def evaluate(run: str | None = None, model_uri: str | None = None, *, tasks: int
     """Evaluate a run's final checkpoint (or a registered model) on test episodes; write eval.json and Parquet."""
     if bool(run) == bool(model_uri):
         raise RunError("pass exactly one of --run RUN_ID or --model models:/NAME@ALIAS")
+    if model_uri and not model_uri.startswith("models:/"):
+        raise RunError(f"--model must look like models:/NAME@ALIAS or models:/NAME/VERSION, got {model_uri!r}")
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if model_uri and not uri:
         raise RunError("--model needs the registry: pass --tracking-uri or set MLFLOW_TRACKING_URI")

@@ -61,3 +61,32 @@ def test_python_dash_m_and_argparse_errors():
     assert r.returncode == 2 and "invalid choice: 'nope'" in r.stderr
     r = subprocess.run([sys.executable, "-m", "pipeline", "--help"], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0 and "prepare" in r.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "configs/omniglot_fomaml_5w1s.yaml", "--set", "train.stpes=3"],
+     "unknown config key 'train.stpes' \\(did you mean 'train.steps'\\?\\)"),
+    (["train", "configs/omniglot_fomaml_5w1s.yaml", "--set", "trainsteps"], "invalid --set 'trainsteps'"),
+    (["train", "configs/omniglot_fomaml_5w1s.yaml", "--set", "optim.lr=fast"], "optim.lr must be float"),
+    (["train", "configs/nope.yaml"], "config file configs/nope.yaml does not exist"),
+    (["train", "configs/omniglot_fomaml_5w1s.yaml", "--set", "data.path=/nonexistent"],
+     "no prepared store at /nonexistent; make it with `metatrain prepare omniglot"),
+    (["train", "configs/omniglot_fomaml_5w1s.yaml", "--set", "data.path=STORE", "--set", "data.ways=3",
+      "--set", "data.train_split=background", "--set", "data.val_split=evaluation", "--ray-address", "127.0.0.1:1"],
+     "--ray-address 127.0.0.1:1: cannot connect to a Ray cluster there"),
+    (["eval", "--model", "runs:/abc"], "--model must look like models:/NAME@ALIAS"),
+    (["eval", "--run", "abc", "--tracking-uri", "sqlite:///TMP/mlflow.db"], "--run abc: no such metatrain run in sqlite:///"),
+])
+def test_train_and_eval_bad_input(argv, message, tiny_source, tmp_path, capsys, monkeypatch):
+    import re
+
+    monkeypatch.chdir(REPO)
+    store = tmp_path / "store"
+    assert main(["prepare", "omniglot", "--source", str(tiny_source), "--out", str(store)]) == 0
+    capsys.readouterr()
+    argv = [a.replace("STORE", str(store)).replace("TMP", str(tmp_path)) for a in argv]
+    assert main([*argv, "--out", str(tmp_path / "out")] if argv[0] == "train" else argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("metatrain: error: "), err
+    assert re.search(message, err[-1]), err[-1]
+    assert not (tmp_path / "out" / "checkpoints").exists()
