@@ -266,6 +266,7 @@ def train(config_path: str | None, overrides: list[str] = (), *, out: str | None
             except KeyboardInterrupt:
                 ray.get(engine.ps.checkpoint.remote(), timeout=30)  # resume loses nothing applied so far
                 raise
+            ray.get(engine.ps.checkpoint.remote())  # a periodic one too: --resume with more steps starts here
             final = ray.get(engine.ps.checkpoint.remote("final"))
             if cfg.train.val_every and last % cfg.train.val_every:
                 trainer.validate(last)  # the final weights are validated too, so best.pt can be them

@@ -1,0 +1,162 @@
+"""Meta-learning algorithms as pure functions on ``dict[str, Tensor]`` parameters, one module each.
+
+Every module (``maml``, ``fomaml``, ``reptile``, ``metasgd``, ``anil``) exposes the same interface:
+
+* ``init_extra_params(model, cfg) -> params``: meta-parameters beyond the model's (Meta-SGD's rates; else ``{}``).
+* ``adapt(params, support, cfg, model, *, steps=None, create_graph=False, batched=False) -> params``
+* ``meta_gradient(params, episode, cfg, model) -> (grads, metrics)``: ``grads`` has the keys and shapes of
+  ``params``; ``metrics`` has ``support_loss``/``support_acc`` (before adaptation) and ``query_loss``/``query_acc``
+  (after), floats (regression: the losses are MSEs and there is no ``*_acc``).
+* ``meta_gradient_batched(params, stacked_episode, cfg, model, keys=None) -> (grads, metrics)``: a whole stack of
+  same-shaped tasks at once (the model's ``forward_tasks``, e.g. Conv4 as grouped convolutions, else
+  ``torch.func.vmap``); grads SUMMED over the tasks, metrics averaged.
+* ``evaluate(params, episode, cfg, model, *, steps=None, batched=False, keys=None) -> metrics`` after
+  ``cfg.eval_inner_steps`` (or ``steps``) inner steps; no meta-gradient graph.
+
+A worker holding several tasks calls :func:`meta_gradient_tasks`, which returns the summed gradient and the task
+count (the parameter server averages the contributions weighted by their counts) and picks the per-task loop or
+the batched path from ``cfg.task_batching`` (``auto``: loop on CPU, where it measured faster, batched on GPU), or
+from :func:`measure_task_batching` run once at start.
+
+    >>> from models import Conv4
+    >>> from pipeline.algorithms import AlgorithmConfig, get_algorithm, meta_gradient_tasks
+    >>> model, cfg = Conv4.omniglot(5), AlgorithmConfig(name="maml")
+    >>> algo = get_algorithm(cfg.name)
+    >>> params = {**dict(model.named_parameters()), **algo.init_extra_params(model, cfg)}
+    >>> grads, n, metrics = meta_gradient_tasks(params, episodes, cfg, model)   # sum over n tasks
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from pipeline.algorithms import anil, fomaml, maml, metasgd, reptile
+from pipeline.algorithms.config import ALGORITHMS, AlgorithmConfig, unknown_name
+from pipeline.algorithms.errors import AlgorithmConfigError, NonFiniteGradientError, TaskMismatchError
+from pipeline.algorithms.inner_loop import LR_PREFIX, Metrics, Params
+from tasks.episode import Episode, stack_episodes
+
+__all__ = ["ALGORITHMS", "AlgorithmConfig", "AlgorithmConfigError", "LR_PREFIX", "NonFiniteGradientError",
+           "TaskMismatchError", "anil", "evaluate_tasks", "fomaml", "get_algorithm", "init_params", "maml",
+           "measure_task_batching", "meta_gradient_tasks", "metasgd", "reptile", "use_batched"]
+
+_REGISTRY: dict[str, ModuleType] = {m.NAME: m for m in (maml, fomaml, reptile, metasgd, anil)}
+assert tuple(_REGISTRY) == ALGORITHMS
+
+
+def get_algorithm(name: str) -> ModuleType:
+    """The module implementing ``name``; an unknown name raises with the closest known one suggested."""
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise unknown_name("algorithm", name, ALGORITHMS) from None
+
+
+def init_params(model: nn.Module, cfg: AlgorithmConfig) -> Params:
+    """All meta-parameters to train: the model's (detached copies) plus the algorithm's extras."""
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    return {**params, **get_algorithm(cfg.name).init_extra_params(model, cfg)}
+
+
+def use_batched(cfg: AlgorithmConfig, params: Params) -> bool:
+    """Resolve ``cfg.task_batching``: ``auto`` means the batched path on a GPU, the per-task loop elsewhere.
+
+    On CPU the loop measured faster for every algorithm on Omniglot (bench/algorithms.py, one thread: a meta-batch's
+    activations as one grouped convolution are far larger than the cache, and the same work as separate per-task
+    convolutions runs ~1.5-2.5x faster); batching pays when it fills a GPU.
+    """
+    if cfg.task_batching != "auto":
+        return cfg.task_batching == "batched"
+    return next(iter(params.values())).device.type == "cuda"
+
+
+def _groups(episodes: Sequence[Episode]) -> list[list[Episode]]:
+    """Episodes grouped by shape (only same-shaped ones can be stacked), in first-seen order."""
+    groups: dict[tuple, list[Episode]] = {}
+    for e in episodes:
+        groups.setdefault((tuple(e.support_x.shape), tuple(e.query_x.shape)), []).append(e)
+    return list(groups.values())
+
+
+def _accumulate(total: Params | None, grads: Params) -> Params:
+    if total is None:
+        return {k: g.clone() for k, g in grads.items()}
+    for k, g in grads.items():
+        total[k].add_(g)
+    return total
+
+
+def meta_gradient_tasks(params: Params, episodes: Sequence[Episode], cfg: AlgorithmConfig, model: nn.Module,
+                        batched: bool | None = None) -> tuple[Params, int, Metrics]:
+    """Meta-gradient SUMMED over ``episodes``, the task count, and metrics averaged over tasks.
+
+    ``batched``: True = each group of same-shaped episodes at once, False = one task at a time, None = decide
+    from ``cfg.task_batching`` (:func:`use_batched`). Both give the same result to float rounding.
+    """
+    if not episodes:
+        raise AlgorithmConfigError("episodes: meta_gradient_tasks needs at least one episode")
+    algo = get_algorithm(cfg.name)
+    batched = use_batched(cfg, params) if batched is None else batched
+    total: Params | None = None
+    sums: dict[str, float] = {}
+    if batched:
+        for group in _groups(episodes):
+            grads, metrics = algo.meta_gradient_batched(params, stack_episodes(group), cfg, model,
+                                                        keys=[e.key for e in group])
+            total = _accumulate(total, grads)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v * len(group)
+    else:
+        for episode in episodes:
+            # One task at a time: its graph is freed before the next one is built, so memory stays at one task's.
+            grads, metrics = algo.meta_gradient(params, episode, cfg, model)
+            total = _accumulate(total, grads)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v
+    n = len(episodes)
+    return total, n, {k: v / n for k, v in sums.items()}
+
+
+def evaluate_tasks(params: Params, episodes: Sequence[Episode], cfg: AlgorithmConfig, model: nn.Module,
+                   batched: bool | None = None, steps: int | None = None) -> Metrics:
+    """Post-adaptation metrics (``cfg.eval_inner_steps`` or ``steps``) averaged over ``episodes``."""
+    if not episodes:
+        raise AlgorithmConfigError("episodes: evaluate_tasks needs at least one episode")
+    algo = get_algorithm(cfg.name)
+    batched = use_batched(cfg, params) if batched is None else batched
+    sums: dict[str, float] = {}
+    if batched:
+        parts = [(stack_episodes(g), len(g), [e.key for e in g]) for g in _groups(episodes)]
+    else:
+        parts = [(e, 1, None) for e in episodes]
+    for ep, count, keys in parts:
+        for k, v in algo.evaluate(params, ep, cfg, model, steps=steps, batched=batched, keys=keys).items():
+            sums[k] = sums.get(k, 0.0) + v * count
+    return {k: v / len(episodes) for k, v in sums.items()}
+
+
+def measure_task_batching(params: Params, episodes: Sequence[Episode], cfg: AlgorithmConfig, model: nn.Module,
+                          repeats: int = 2) -> str:
+    """Time both paths on ``episodes`` (after one warm-up each) and return the faster: ``'loop'`` or ``'batched'``.
+
+    For a worker to call once at start: ``cfg = dataclasses.replace(cfg, task_batching=measure_task_batching(...))``.
+    """
+    best = {}
+    for mode in ("loop", "batched"):
+        times = []
+        for r in range(repeats + 1):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            meta_gradient_tasks(params, episodes, cfg, model, batched=mode == "batched")
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            if r:  # the first run is a warm-up (allocator, kernel selection)
+                times.append(time.perf_counter() - t0)
+        best[mode] = min(times)
+    return min(best, key=best.get)

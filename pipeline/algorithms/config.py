@@ -1,0 +1,141 @@
+"""The settings of every meta-learning algorithm, in one frozen dataclass that checks itself.
+
+    >>> from pipeline.algorithms import AlgorithmConfig
+    >>> cfg = AlgorithmConfig(name="maml", inner_lr=0.4, inner_steps=1, eval_inner_steps=3)   # MAML, Omniglot
+    >>> cfg = AlgorithmConfig.from_dict({"name": "metasgd", "metasgd_lr": "per_layer_step", "multi_step_loss": True})
+
+Fields that only some algorithms read are ignored by the others, except where a combination is certainly a mistake
+(``first_order`` with ``maml``, ``multi_step_loss`` with ``reptile``), which raises.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+from pipeline.algorithms.errors import AlgorithmConfigError
+
+#: The algorithm names, one module each under pipeline/algorithms/.
+ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil")
+REPTILE_OPTIMIZERS = ("sgd", "adam")
+METASGD_LRS = ("per_param", "per_layer_step")
+TASK_BATCHING = ("auto", "loop", "batched")
+
+
+def unknown_name(field: str, value: object, known: tuple[str, ...]) -> AlgorithmConfigError:
+    """The error for a name that is not one of ``known``, with the closest known name suggested."""
+    close = difflib.get_close_matches(str(value), known, n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return AlgorithmConfigError(f"{field}: unknown {value!r} ({hint}known: {', '.join(sorted(known))})")
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    """How one meta-learning algorithm adapts to a task and computes its meta-gradient (defaults: MAML, Omniglot)."""
+
+    name: str = "maml"
+    """Algorithm: one of maml, fomaml, reptile, metasgd, anil."""
+    inner_lr: float = 0.4
+    """Inner-loop step size (Meta-SGD: the initial value of every learned rate). MAML used 0.4 on Omniglot."""
+    inner_steps: int = 1
+    """Inner-loop steps during meta-training (>= 1). MAML: 1 for 5-way Omniglot."""
+    eval_inner_steps: int = 3
+    """Inner-loop steps when evaluating (>= 0; 0 scores the initialisation). MAML: 3 for 5-way Omniglot."""
+    first_order: bool = False
+    """metasgd, anil: drop second-order terms (inner gradients treated as constants). maml: use 'fomaml'."""
+    multi_step_loss: bool = False
+    """maml, fomaml, metasgd, anil: meta-loss = weighted sum of the query losses after every inner step (MAML++)."""
+    msl_weights: tuple[float, ...] | None = None
+    """Weights of the multi-step loss, one per inner step; None = uniform 1/k (see metasgd.msl_weights to anneal)."""
+    metasgd_lr: str = "per_param"
+    """metasgd: 'per_param' (one rate per weight, Meta-SGD) or 'per_layer_step' (one per tensor and step, MAML++)."""
+    reptile_optimizer: str = "sgd"
+    """reptile: inner optimiser, 'sgd' or 'adam' (Adam state starts fresh on every task, as in Nichol et al.)."""
+    reptile_adam_betas: tuple[float, float] = (0.0, 0.999)
+    """reptile with adam: (beta1, beta2); Nichol et al. used beta1 = 0."""
+    reptile_batch_size: int = 0
+    """reptile: examples per inner step, drawn in turn from the task's support+query data; 0 = all of it."""
+    reptile_shuffle: bool = True
+    """reptile with reptile_batch_size: shuffle the task's data first (order fixed by the episode key)."""
+    per_step_bn: bool = False
+    """Per-inner-step batch-norm gains/biases (MAML++); the model needs bn_steps >= max(steps) + 1."""
+    checkpoint_inner: bool = False
+    """Second-order methods: recompute each inner step in the backward pass instead of storing it (less memory)."""
+    task_batching: str = "auto"
+    """How a worker runs its tasks: 'loop' (one by one), 'batched' (all at once), 'auto' (loop on CPU, batched on
+    GPU)."""
+    check_finite: bool = True
+    """Raise NonFiniteGradientError on a NaN/Inf gradient, naming the step and parameter (one sync per task)."""
+
+    def __post_init__(self) -> None:
+        if self.name not in ALGORITHMS:
+            raise unknown_name("name", self.name, ALGORITHMS)
+        for f in ("first_order", "multi_step_loss", "reptile_shuffle", "per_step_bn", "checkpoint_inner",
+                  "check_finite"):
+            if not isinstance(getattr(self, f), bool):
+                raise AlgorithmConfigError(f"{f}: must be true or false, got {getattr(self, f)!r}")
+        for f in ("inner_steps", "eval_inner_steps", "reptile_batch_size"):
+            if not isinstance(getattr(self, f), int) or isinstance(getattr(self, f), bool):
+                raise AlgorithmConfigError(f"{f}: must be an integer, got {getattr(self, f)!r}")
+        if not isinstance(self.inner_lr, (int, float)) or isinstance(self.inner_lr, bool) \
+                or not math.isfinite(self.inner_lr) or self.inner_lr <= 0:
+            raise AlgorithmConfigError(f"inner_lr: must be a finite number > 0, got {self.inner_lr!r}")
+        object.__setattr__(self, "inner_lr", float(self.inner_lr))
+        if self.inner_steps < 1:
+            raise AlgorithmConfigError(f"inner_steps: must be >= 1 at meta-training, got {self.inner_steps}")
+        if self.eval_inner_steps < 0:
+            raise AlgorithmConfigError(f"eval_inner_steps: must be >= 0, got {self.eval_inner_steps}")
+        if self.reptile_batch_size < 0:
+            raise AlgorithmConfigError(f"reptile_batch_size: must be >= 0 (0 = all), got {self.reptile_batch_size}")
+        if self.metasgd_lr not in METASGD_LRS:
+            raise unknown_name("metasgd_lr", self.metasgd_lr, METASGD_LRS)
+        if self.reptile_optimizer not in REPTILE_OPTIMIZERS:
+            raise unknown_name("reptile_optimizer", self.reptile_optimizer, REPTILE_OPTIMIZERS)
+        if self.task_batching not in TASK_BATCHING:
+            raise unknown_name("task_batching", self.task_batching, TASK_BATCHING)
+        betas = tuple(self.reptile_adam_betas)
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+            raise AlgorithmConfigError(f"reptile_adam_betas: must be two numbers in [0, 1), got {betas!r}")
+        object.__setattr__(self, "reptile_adam_betas", tuple(float(b) for b in betas))
+        if self.name == "maml" and self.first_order:
+            raise AlgorithmConfigError("first_order: maml is second order by definition; use name 'fomaml'")
+        if self.name == "reptile" and self.multi_step_loss:
+            raise AlgorithmConfigError("multi_step_loss: reptile has no query loss per step; use it with maml-like "
+                                       "algorithms")
+        if self.msl_weights is not None:
+            w = tuple(self.msl_weights)
+            if len(w) != self.inner_steps or not all(isinstance(x, (int, float)) and x >= 0 for x in w) \
+                    or sum(w) <= 0:
+                raise AlgorithmConfigError(f"msl_weights: need {self.inner_steps} (inner_steps) non-negative "
+                                           f"weights with a positive sum, got {w!r}")
+            if not self.multi_step_loss:
+                raise AlgorithmConfigError("msl_weights: set multi_step_loss: true to use them")
+            object.__setattr__(self, "msl_weights", tuple(float(x) for x in w))
+
+    @property
+    def loss_weights(self) -> tuple[float, ...]:
+        """Weight of the query loss after inner step 1..k: (0, ..., 0, 1) unless multi_step_loss."""
+        k = self.inner_steps
+        if not self.multi_step_loss:
+            return (0.0,) * (k - 1) + (1.0,)
+        return self.msl_weights if self.msl_weights is not None else (1.0 / k,) * k
+
+    @property
+    def bn_steps_needed(self) -> int:
+        """Per-step batch-norm rows a model needs for these settings (the query pass after k steps uses row k)."""
+        return max(self.inner_steps, self.eval_inner_steps) + 1 if self.per_step_bn else 1
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> AlgorithmConfig:
+        """Build from a config-file mapping; an unknown key raises with the closest field name suggested."""
+        known = tuple(f.name for f in fields(cls))
+        for key in values:
+            if key not in known:
+                raise unknown_name("algorithm setting", key, known)
+        vals = dict(values)
+        for key in ("msl_weights", "reptile_adam_betas"):  # YAML gives lists; the dataclass is frozen/hashable
+            if isinstance(vals.get(key), list):
+                vals[key] = tuple(vals[key])
+        return cls(**vals)
