@@ -45,7 +45,7 @@ def quick(store, *extra):
             "train.val_every=0", "train.eval_tasks=20", "train.checkpoint_every=2", *extra]
 
 
-def test_fomaml_5w1s_two_workers_learns_and_is_tracked(omniglot_store, tmp_path):
+def test_fomaml_5w1s_two_workers_learns_and_is_tracked(omniglot_store, tmp_path, monkeypatch):
     out = tmp_path / "run"
     # A CI-sized run: 32 filters, 5 inner steps of 0.1 (10 at test), 100 steps of 8 tasks (about 30 s here).
     result = train(CONFIG, [f"data.path={omniglot_store}", "model.hidden=32", "algorithm.inner_lr=0.1",
@@ -92,7 +92,7 @@ def test_fomaml_5w1s_two_workers_learns_and_is_tracked(omniglot_store, tmp_path)
     cfg = config_from_dict(final["config"])
     reference = build_model(cfg, image_shape(cfg))
     reference.load_state_dict({k: v for k, v in final["params"].items()}, strict=False)
-    mlflow.set_tracking_uri(f"sqlite:///{out}/mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{out}/mlflow.db")  # not mlflow.set_tracking_uri: global
     logged = mlflow.pytorch.load_model(run.data.tags["metatrain.model_uri"])
     x = torch.from_numpy(np.random.default_rng(0).random((5, 1, 28, 28), dtype=np.float32))
     torch.testing.assert_close(logged(x), reference(x), rtol=1e-4, atol=1e-5)
