@@ -5,6 +5,8 @@
 Part 1 runs the real engine (local Ray, a TaskWorker per core at one torch thread each, the ParameterServer actor)
 for --steps sync steps after two warm-up steps, with 1 and then 2 workers, and prints tasks/s, the speed-up and the
 parameter server's share of the step time (its apply time plus the driver's round trips, over the step time).
+In the same run, the peer: the same FOMAML tasks computed by 1 and then 2 plain processes at once (no Ray, no
+parameter server), which is what this machine's cores allow; the engine's efficiency is its speed-up over the peer's.
 Part 2 simulates what the parameter server does per step as the worker count grows to 64 (no Ray: the cost is
 its own): bytes of gradients it receives and its apply time, for Conv4 (Omniglot, 64 filters) gradients.
 Targets: >= 1.8x at 2 workers; parameter-server share < 5%.
@@ -60,6 +62,35 @@ def measure(cfg, steps: int) -> dict:
             engine.shutdown()
 
 
+def _plain_worker(config: str, overrides: list[str], repeats: int, queue) -> None:
+    """One plain process: the engine's per-task work (sample + meta-gradient) on 16 tasks, ``repeats`` times."""
+    torch.set_num_threads(1)
+    from pipeline.worker import TaskWorkerCore
+
+    core = TaskWorkerCore(load_config(config, overrides))
+    weights = initial_params(core.cfg, core.model)
+    core.compute(0, 0, weights, [[0], [1]])  # warm-up
+    t0 = time.perf_counter()
+    for r in range(repeats):
+        core.compute(r + 1, 0, weights, [[s] for s in range(16)])
+    queue.put(16 * repeats / (time.perf_counter() - t0))
+
+
+def plain_processes(config: str, overrides: list[str], procs: int, repeats: int = 4) -> float:
+    """Total tasks/s of ``procs`` plain processes computing at the same time."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    jobs = [ctx.Process(target=_plain_worker, args=(config, overrides, repeats, queue)) for _ in range(procs)]
+    for j in jobs:
+        j.start()
+    rates = [queue.get() for _ in jobs]
+    for j in jobs:
+        j.join()
+    return sum(rates)
+
+
 def ps_simulation(cfg) -> list[tuple]:
     model = build_model(cfg, image_shape(cfg))
     params = initial_params(cfg, model)
@@ -110,6 +141,19 @@ def main() -> None:
         print(f"| {n} | {r['tasks_per_s']:.1f} | {r['tasks_per_s'] / one:.2f}x | {r['step_s']:.3f} | "
               f"{r['compute_s']:.3f} | {r['apply_s']:.4f} | {100 * r['overhead']:.1f}% |", flush=True)
     ray.shutdown()
+    engine_speedup = r["tasks_per_s"] / one
+    print()
+    print("Peer: the same tasks in plain processes at once (no Ray, no parameter server): the machine's ceiling.")
+    print()
+    print("| plain processes | tasks/s | speed-up |")
+    print("|---:|---:|---:|")
+    plain_one = plain_processes("configs/omniglot_fomaml_5w1s.yaml", base, 1)
+    print(f"| 1 | {plain_one:.1f} | 1.00x |", flush=True)
+    plain_two = plain_processes("configs/omniglot_fomaml_5w1s.yaml", base, 2)
+    print(f"| 2 | {plain_two:.1f} | {plain_two / plain_one:.2f}x |")
+    print()
+    print(f"engine speed-up {engine_speedup:.2f}x (target >= 1.8x) = {engine_speedup / (plain_two / plain_one):.0%} of "
+          f"the plain processes' {plain_two / plain_one:.2f}x")
     print()
     cfg = load_config("configs/omniglot_fomaml_5w1s.yaml", [*base])
     print("Parameter server per step, simulated (Conv4 64 filters; one gradient block per task, or per worker "

@@ -17,6 +17,7 @@ The Ray actor in ``pipeline/actors.py`` is a thin shell around this class; tests
     version, weights = core.get_weights()
     meta = {"worker": 0, "step": 1, "version": 0, "blocks": [[0, 1], [2, 3]], "n_tasks": 4}
     result = core.apply_gradients(1, [meta], [[grads_of_slots_0_1, grads_of_slots_2_3]])
+    # or packed, as TaskWorkerCore.compute sends it: {name: tensor of shape (2, *param.shape)}
 """
 
 from __future__ import annotations
@@ -101,8 +102,8 @@ class ParameterServerCore:
 
     # ---- updates ------------------------------------------------------------------------------------------------
 
-    def _check_block(self, grads) -> str | None:
-        """Why one block's gradients are unusable, or None."""
+    def _check_block(self, grads, leading: tuple[int, ...] = ()) -> str | None:
+        """Why one block's gradients (or, with ``leading``, a packed stack of blocks) are unusable, or None."""
         if not isinstance(grads, dict):
             return f"gradients are a {type(grads).__name__}, not a dict of tensors"
         missing, extra = sorted(self.params.keys() - grads.keys()), sorted(grads.keys() - self.params.keys())
@@ -110,9 +111,10 @@ class ParameterServerCore:
             return f"keys differ from the parameters (missing {missing[:3]}, unexpected {extra[:3]})"
         for name, p in self.params.items():
             g = grads[name]
-            if not isinstance(g, torch.Tensor) or g.shape != p.shape:
+            if not isinstance(g, torch.Tensor) or tuple(g.shape) != leading + tuple(p.shape):
                 shape = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
-                return f"{name} has shape {shape}, parameter has {tuple(p.shape)}"
+                return f"{name} has shape {shape}, parameter has {tuple(p.shape)}" + \
+                    (f" (packed: {leading[0]} blocks first)" if leading else "")
             if not g.dtype.is_floating_point:
                 return f"{name} has dtype {g.dtype}"
             if not bool(torch.isfinite(g).all()):
@@ -120,22 +122,39 @@ class ParameterServerCore:
         return None
 
     def _check(self, meta: dict, blocks) -> str | None:
-        """Why a contribution (a list of block sums described by ``meta``) is unusable, or None."""
-        if not isinstance(blocks, (list, tuple)) or not blocks:
-            return f"expected a non-empty list of gradient blocks, got {type(blocks).__name__}"
+        """Why a contribution (block sums described by ``meta``, list or packed form) is unusable, or None."""
         slots = meta.get("blocks")
-        if not isinstance(slots, list) or len(slots) != len(blocks) or not all(slots):
+        if not isinstance(slots, list) or not slots or not all(slots):
             return "meta['blocks'] must list the slots of each gradient block"
         n = meta.get("n_tasks")
         if not isinstance(n, int) or n < 1 or n != sum(len(b) for b in slots):
             return f"n_tasks must be the positive number of slots in its blocks, got {n!r}"
+        if isinstance(blocks, dict):
+            # Packed: one tensor per parameter holding every block along dim 0. Checked as a whole (one finiteness
+            # test per parameter, not per block), which is what keeps the apply cheap with many blocks.
+            first = next(iter(blocks.values()), None)
+            if not isinstance(first, torch.Tensor) or first.dim() == 0 or first.shape[0] != len(slots):
+                return f"packed gradients need {len(slots)} blocks along dim 0 (one per entry of meta['blocks'])"
+            return self._check_block(blocks, leading=(len(slots),))
+        if not isinstance(blocks, (list, tuple)) or not blocks:
+            return f"expected a non-empty list of gradient blocks, got {type(blocks).__name__}"
+        if len(slots) != len(blocks):
+            return "meta['blocks'] must list the slots of each gradient block"
         for b in blocks:
             why = self._check_block(b)
             if why is not None:
                 return why
         return None
 
-    def apply_gradients(self, step: int, metas: list[dict], grads: list[list[Params]]) -> dict:
+    @staticmethod
+    def _unpack(blocks) -> list[Params]:
+        """A contribution's blocks as a list of dicts (views into a packed contribution; no copy)."""
+        if isinstance(blocks, dict):
+            count = next(iter(blocks.values())).shape[0]
+            return [{k: v[i] for k, v in blocks.items()} for i in range(count)]
+        return list(blocks)
+
+    def apply_gradients(self, step: int, metas: list[dict], grads: list[list[Params] | Params]) -> dict:
         """Validate, average (weighted by task count) and apply one optimizer step as ``step``; see module docstring.
 
         Returns what happened: ``applied``, ``version``, ``rejected`` (list of strings), ``stale_dropped``,
@@ -176,7 +195,8 @@ class ParameterServerCore:
         # added in slot order, whichever worker sent them and whenever it arrived: a sync step's gradient is then
         # the same float32 sum for 1 or 16 workers (Adam would otherwise amplify the rounding differences in
         # gradients that are ~0, such as a conv bias followed by batch norm).
-        blocks = sorted((meta["blocks"][i][0], g) for meta, gs in accepted for i, g in enumerate(gs))
+        blocks = sorted(((meta["blocks"][i][0], g) for meta, gs in accepted
+                         for i, g in enumerate(self._unpack(gs))), key=lambda item: item[0])
         tasks = sum(m["n_tasks"] for m, _ in accepted)
         lr = learning_rate(self.optim_cfg, step, self.total_steps)
         for group in self.optimizer.param_groups:

@@ -34,6 +34,29 @@ def apply(ps, step, *contribs):
     return ps.apply_gradients(step, [m for m, _ in contribs], [g for _, g in contribs])
 
 
+def test_packed_contributions_equal_the_list_form_and_are_checked():
+    """Blocks packed along dim 0 (what TaskWorkerCore.compute sends) apply bit-identically to the list form."""
+    gen = torch.Generator().manual_seed(1)
+    blocks = [{"w": torch.randn(2, 3, generator=gen), "b": torch.randn(3, generator=gen)} for _ in range(4)]
+    meta = {"worker": 0, "step": 1, "version": 0, "n_tasks": 4, "blocks": [[0], [1], [2], [3]]}
+    packed = {k: torch.stack([b[k] for b in blocks]) for k in ("w", "b")}
+    as_list, as_packed = core(OptimConfig(name="adam", lr=0.1)), core(OptimConfig(name="adam", lr=0.1))
+    assert as_list.apply_gradients(1, [meta], [blocks])["applied"]
+    assert as_packed.apply_gradients(1, [dict(meta)], [packed])["applied"]
+    for k in ("w", "b"):
+        assert torch.equal(as_list.get_weights()[1][k], as_packed.get_weights()[1][k])
+    # Wrong block count along dim 0, and a NaN in one block: rejected, counted, nothing applied.
+    ps = core()
+    short = {k: v[:3] for k, v in packed.items()}
+    out = ps.apply_gradients(1, [dict(meta)], [short])
+    assert not out["applied"] and "packed gradients need 4 blocks" in out["rejected"][0]
+    bad = {k: v.clone() for k, v in packed.items()}
+    bad["b"][2, 1] = float("nan")
+    out = ps.apply_gradients(1, [dict(meta)], [bad])
+    assert not out["applied"] and "b has non-finite values" in out["rejected"][0]
+    assert ps.counters["rejected"] == 2 and ps.version == 0
+
+
 def test_weighted_average_and_exactly_one_step():
     ps = core()
     # Contributions are sums over tasks: (1*2 + 3*6) / (2 + 6) = 2.5 per element; SGD lr 1 moves by -2.5.
