@@ -2,10 +2,14 @@
 
     python bench/train_budget.py --algo fomaml --minutes 30
     python bench/train_budget.py --algo maml --minutes 30 --set workers.count=2
+    python bench/train_budget.py --algo mann --minutes 60        # MANN, then the LSTM baseline on the same budget
+    python bench/train_budget.py --algo memory --minutes 60      # Kaiser et al.'s memory module, 5w1s
 
-Trains configs/omniglot_<algo>_5w1s.yaml (through the whole pipeline: local Ray, parameter server, MLflow) until
-the budget is spent, then evaluates the final weights on 600 episodes of the evaluation alphabets and prints the
-result beside the published number. --set overrides any config field (as for `metatrain train`).
+Trains the algorithm's config (configs/omniglot_<algo>_5w1s.yaml; mann: omniglot_mann_5class.yaml) through the whole
+pipeline (local Ray, parameter server, MLflow) until the budget is spent, then evaluates the final weights on 600
+episodes of the evaluation alphabets and prints the result beside the published number. --set overrides any config
+field (as for `metatrain train`). For mann the table is accuracy by instance (1st, 2nd, 3rd, 5th, 10th showing of a
+class), MANN next to an LSTM of the same controller size trained on the same budget (--no-baseline skips it).
 """
 
 from __future__ import annotations
@@ -23,36 +27,68 @@ from pipeline.driver import train  # noqa: E402
 # Omniglot 5-way 1-shot test accuracy as published (%).
 PUBLISHED = {"maml": (98.7, "Finn et al. 2017"), "fomaml": (98.3, "Finn et al. 2017"),
              "reptile": (97.68, "Nichol et al. 2018, transductive"), "protonet": (98.8, "Snell et al. 2017"),
-             "matching": (98.1, "Vinyals et al. 2016")}
+             "matching": (98.1, "Vinyals et al. 2016"), "memory": (98.4, "Kaiser et al. 2017")}
+# Santoro et al. 2016, Omniglot 5 classes, accuracy at instances 1, 2, 3, 5, 10 (%).
+PUBLISHED_MANN = {"MANN (LRUA)": (36.4, 82.8, 91.0, 94.9, 98.1), "LSTM": (24.4, 49.5, 55.3, 61.0, 63.6)}
+INSTANCES = ("1", "2", "3", "5", "10")
+CONFIGS = {"mann": "omniglot_mann_5class.yaml"}
+
+
+def run(algo: str, args, extra: list[str]) -> tuple:
+    root = Path(__file__).resolve().parents[1]
+    config = root / "configs" / CONFIGS.get(algo, f"omniglot_{algo}_5w1s.yaml")
+    label = algo + ("-" + extra[0].split("=")[1] if extra else "")
+    out = args.out or f"runs/budget-{label}-{args.ways}w{args.shots}s-{time.strftime('%Y%m%d-%H%M%S')}"
+    overrides = [f"data.path={args.data}", f"data.ways={args.ways}", f"train.time_budget_s={args.minutes * 60}",
+                 "train.steps=1000000", "train.eval_tasks=600", *extra, *args.overrides]
+    if algo != "mann":
+        overrides.insert(2, f"data.shots={args.shots}")
+    t0 = time.time()
+    result = train(str(config), overrides, out=out, quiet=True)
+    return config, result, time.time() - t0, out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--algo", default="fomaml")
     ap.add_argument("--minutes", type=float, default=30.0)
-    ap.add_argument("--ways", type=int, default=5)
+    ap.add_argument("--ways", type=int, default=5, help="ways (mann: classes per sequence)")
     ap.add_argument("--shots", type=int, default=1)
     ap.add_argument("--data", default="data/omniglot")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--no-baseline", action="store_true", help="mann: skip the LSTM baseline")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
-    config = Path(__file__).resolve().parents[1] / "configs" / f"omniglot_{args.algo}_5w1s.yaml"
-    out = args.out or f"runs/budget-{args.algo}-{args.ways}w{args.shots}s-{time.strftime('%Y%m%d-%H%M%S')}"
-    overrides = [f"data.path={args.data}", f"data.ways={args.ways}", f"data.shots={args.shots}",
-                 f"train.time_budget_s={args.minutes * 60}", "train.steps=1000000", "train.eval_tasks=600",
-                 *args.overrides]
-    t0 = time.time()
-    result = train(str(config), overrides, out=out, quiet=True)
+    head = f"{platform.machine()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}"
+    if args.algo == "mann":
+        runs = [("MANN (LRUA)", *run("mann", args, []))]
+        if not args.no_baseline:
+            runs.append(("LSTM", *run("mann", args, ["model.name=lstm"])))
+        print(f"\n{head}; {args.ways} classes x 10 instances, {args.minutes:g} min each, 600 test episodes of the "
+              f"evaluation alphabets; {' '.join(args.overrides)}\n")
+        print("| model | steps | wall s | " + " | ".join(f"inst {k}" for k in INSTANCES) + " | all steps |")
+        print("|---|---:|---:|" + "---:|" * (len(INSTANCES) + 1))
+        for name, _, result, wall, _ in runs:
+            s = result.summary
+            cells = " | ".join(f"{100 * s['instance_accuracy'][k]:.1f} ± {100 * s['instance_ci95'][k]:.1f}"
+                               for k in INSTANCES if k in s["instance_accuracy"])
+            print(f"| {name} | {result.final_step} | {wall:.0f} | {cells} | {100 * s['accuracy']:.1f} |")
+        for name, values in PUBLISHED_MANN.items():
+            if args.ways == 5:
+                print(f"| {name}, Santoro et al. 2016 | - | - | " + " | ".join(f"{v}" for v in values) + " | - |")
+        for name, _, result, _, out in runs:
+            print(f"{name}: run {result.run_id} in {out}")
+        return
+    config, result, wall, out = run(args.algo, args, [])
     s = result.summary
     paper, source = PUBLISHED.get(args.algo, (float("nan"), "-"))
     print()
-    print(f"{platform.machine()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}; config {config.name} "
-          f"{' '.join(args.overrides)}")
+    print(f"{head}; config {config.name} {' '.join(args.overrides)}")
     print()
     print("| algorithm | task | budget | steps | wall s | test accuracy (600 tasks) | published |")
     print("|---|---|---:|---:|---:|---:|---:|")
     print(f"| {args.algo} | {args.ways}w{args.shots}s | {args.minutes:g} min | {result.final_step} | "
-          f"{time.time() - t0:.0f} | {100 * s['accuracy']:.2f} ± {100 * s['ci95']:.2f}% | {paper}% ({source}) |")
+          f"{wall:.0f} | {100 * s['accuracy']:.2f} ± {100 * s['ci95']:.2f}% | {paper}% ({source}) |")
     print(f"\nrun {result.run_id} in {out}")
 
 

@@ -3,7 +3,9 @@
 from models.base import FewShotModel, ModelConfigError
 from models.conv4 import Conv4
 from models.layers import EpisodeBatchNorm2d, MaxPool2x2, max_pool2x2
+from models.mann import MANN, SequenceLSTM, SequenceModel
+from models.memory_module import KeyEncoder, Memory
 from models.mlp import SinusoidMLP
 
-__all__ = ["Conv4", "EpisodeBatchNorm2d", "FewShotModel", "MaxPool2x2", "ModelConfigError", "SinusoidMLP",
-           "max_pool2x2"]
+__all__ = ["MANN", "Conv4", "EpisodeBatchNorm2d", "FewShotModel", "KeyEncoder", "MaxPool2x2", "Memory",
+           "ModelConfigError", "SequenceLSTM", "SequenceModel", "SinusoidMLP", "max_pool2x2"]

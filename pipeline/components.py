@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from models import Conv4, FewShotModel, SinusoidMLP
+from models import MANN, Conv4, FewShotModel, KeyEncoder, SequenceLSTM, SinusoidMLP
 from pipeline.algorithms import get_algorithm
 from pipeline.checkpoint import model_fingerprint
 from pipeline.config import Config, ConfigError
 from tasks.errors import DataError
-from tasks.samplers import EpisodeSampler, SinusoidSampler
+from tasks.samplers import EpisodeSampler, SequenceEpisodeSampler, SinusoidSampler
 from tasks.store import TaskStore, read_manifest
 
 SPLITS = ("train", "val", "test")
@@ -44,6 +44,9 @@ def build_sampler(cfg: Config, store: TaskStore | None, split: str):
     rotations = None if d.rotations == "auto" else d.rotations == "on"
     if split != "train" and d.rotations == "on":
         rotations = None  # "on" asks for training augmentation; held-out splits follow their default (off)
+    if cfg.sequence_episodes:
+        return SequenceEpisodeSampler(store, classes=d.ways, instances=d.instances, split=name, rotations=rotations,
+                                      seed=seed, split_seed=d.split_seed)
     return EpisodeSampler(store, ways=d.ways, shots=d.shots, queries=d.queries, split=name, rotations=rotations,
                           seed=seed, split_seed=d.split_seed)
 
@@ -69,13 +72,34 @@ def build_model(cfg: Config, shape: tuple[int, int, int] | None) -> FewShotModel
     if shape is None:
         raise ConfigError("model.name conv4 needs image data (data.dataset is sinusoid)")
     channels, height, width = shape
-    if height != width:
-        raise DataError(f"{cfg.data.path}: images are {height}x{width}; conv4 expects square images")
     try:
+        if m.name == "mann":
+            return MANN(cfg.data.ways, input_size=channels * height * width, controller=m.controller,
+                        memory_slots=m.memory_slots, memory_width=m.memory_width, read_heads=m.read_heads,
+                        gamma=m.lrua_gamma, key_strength=m.mann_key_strength, read_before_write=m.mann_read_first)
+        if m.name == "lstm":
+            return SequenceLSTM(cfg.data.ways, input_size=channels * height * width, hidden=m.controller)
+        if height != width:
+            raise DataError(f"{cfg.data.path}: images are {height}x{width}; {m.name} expects square images")
+        if m.name == "key_encoder":
+            return KeyEncoder(m.key_size, in_channels=channels, hidden=m.hidden, image_size=height, pool=m.pool)
         return Conv4(cfg.data.ways, in_channels=channels, hidden=m.hidden, image_size=height, pool=m.pool,
                      bn_steps=cfg.algorithm.bn_steps_needed)
+    except DataError:
+        raise
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
+
+
+def example_input(cfg: Config) -> torch.Tensor:
+    """A zero input of the shape the run's model takes: what MLflow traces to save the model as pt2."""
+    shape = image_shape(cfg)
+    if shape is None:
+        return torch.zeros(cfg.data.shots, 1)
+    if cfg.model.name in ("mann", "lstm"):
+        c, h, w = shape
+        return torch.zeros(1, cfg.data.ways * cfg.data.instances, c * h * w + cfg.data.ways)
+    return torch.zeros(cfg.data.ways, *shape)
 
 
 def initial_params(cfg: Config, model: FewShotModel) -> dict[str, torch.Tensor]:

@@ -47,6 +47,8 @@ class DataConfig:
     """Support images per class (sinusoid: support points per task)."""
     queries: int = 15
     """Query images per class (sinusoid: query points per task)."""
+    instances: int = 10
+    """Sequence episodes (algorithm mann): drawings per class in the sequence, so T = ways * instances."""
     train_split: str = "background/train"
     """Classes for meta-training (see tasks/splits.py)."""
     val_split: str = "background/val"
@@ -59,7 +61,7 @@ class DataConfig:
     """Seed of the shuffled class splits (maml/*, vinyals/*, background/*); not the training seed."""
 
     def __post_init__(self):
-        for name in ("ways", "shots", "queries"):
+        for name in ("ways", "shots", "queries", "instances"):
             _require(getattr(self, name) >= 1, f"data.{name}", f"must be >= 1, got {getattr(self, name)}")
 
     @property
@@ -71,15 +73,36 @@ class DataConfig:
 class ModelConfig:
     """The network whose parameters are meta-learned."""
 
-    name: Literal["conv4", "mlp"] = "conv4"
-    """conv4: MAML's 4-block CNN for images; mlp: the sinusoid MLP (1-40-40-1)."""
+    name: Literal["conv4", "mlp", "mann", "lstm", "key_encoder"] = "conv4"
+    """conv4: MAML's 4-block CNN; mlp: the sinusoid MLP (1-40-40-1); mann: LSTM + LRUA memory (Santoro et al.);
+    lstm: mann's memory-less baseline; key_encoder: conv4 trunk + linear to key_size (Kaiser et al.'s memory)."""
     hidden: int = 64
     """Filters per conv block (64 for Omniglot, 32 for mini-ImageNet) or MLP hidden width (40)."""
     pool: Literal["max", "stride"] = "max"
     """conv4 downsampling: 2x2 max-pool, or stride-2 convolutions (the MAML paper's Omniglot variant)."""
+    controller: int = 200
+    """mann/lstm: LSTM controller units."""
+    memory_slots: int = 128
+    """mann: memory locations N."""
+    memory_width: int = 40
+    """mann: width W of a memory location (and of a read vector)."""
+    read_heads: int = 4
+    """mann: read heads R (also the number of least-used locations LRUA tracks)."""
+    lrua_gamma: float = 0.95
+    """mann: usage decay gamma in w^u_t = gamma w^u_{t-1} + w^r_t + w^w_t."""
+    mann_read_first: bool = True
+    """mann: read the memory before this step's write (see models/mann.py for why); false = the paper's order."""
+    mann_key_strength: bool = True
+    """mann: a learned key strength beta in the read's softmax (NTM addressing); false = the paper's beta = 1."""
+    key_size: int = 128
+    """key_encoder: width of the normalised query key."""
 
     def __post_init__(self):
-        _require(self.hidden >= 1, "model.hidden", f"must be >= 1, got {self.hidden}")
+        for name in ("hidden", "controller", "memory_slots", "memory_width", "read_heads", "key_size"):
+            _require(getattr(self, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _require(self.read_heads <= self.memory_slots, "model.read_heads",
+                 f"must be <= model.memory_slots ({self.memory_slots}), got {self.read_heads}")
+        _require(0 <= self.lrua_gamma <= 1, "model.lrua_gamma", f"must be in [0, 1], got {self.lrua_gamma}")
 
 
 @dataclass(frozen=True)
@@ -208,6 +231,10 @@ class TrackingConfig:
         _require(bool(self.experiment), "tracking.experiment", "must not be empty")
 
 
+#: The models each memory algorithm runs (every other algorithm on images runs conv4).
+MEMORY_MODELS = {"mann": ("mann", "lstm"), "memory": ("key_encoder",)}
+
+
 @dataclass(frozen=True)
 class Config:
     """A whole run."""
@@ -228,12 +255,22 @@ class Config:
     """MLflow."""
 
     def __post_init__(self):
+        algo, model = self.algorithm.name, self.model.name
         if self.data.is_sinusoid:
-            _require(self.model.name == "mlp", "model.name", f"must be 'mlp' for data.dataset=sinusoid, got "
-                     f"{self.model.name!r}")
+            _require(model == "mlp", "model.name", f"must be 'mlp' for data.dataset=sinusoid, got {model!r}")
+            _require(algo not in MEMORY_MODELS, "algorithm.name", f"{algo} needs image data, not sinusoids")
+        elif algo in MEMORY_MODELS:
+            allowed = MEMORY_MODELS[algo]
+            _require(model in allowed, "model.name", f"must be one of {', '.join(allowed)} for algorithm.name="
+                     f"{algo}, got {model!r}")
         else:
-            _require(self.model.name == "conv4", "model.name", f"must be 'conv4' for image data, got "
-                     f"{self.model.name!r}")
+            _require(model == "conv4", "model.name", f"must be 'conv4' for algorithm.name={algo} on image data, "
+                     f"got {model!r}")
+
+    @property
+    def sequence_episodes(self) -> bool:
+        """Whether the run draws Santoro sequence episodes (ways x instances) instead of support/query episodes."""
+        return self.algorithm.name == "mann"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -33,7 +33,7 @@ import torch
 import yaml
 
 from pipeline.checkpoint import latest_checkpoint, load_checkpoint, load_latest
-from pipeline.components import build_model, build_sampler, fingerprint, image_shape, open_store
+from pipeline.components import build_model, build_sampler, example_input, fingerprint, image_shape, open_store
 from pipeline.config import Config, ConfigError, config_from_dict, load_config
 from pipeline.engine import Engine, EngineError, check_resources
 from pipeline.tracking import (
@@ -124,7 +124,38 @@ def summarize(rows: list[dict], cfg: Config, split: str, extra: dict | None = No
     }
     if "query_loss" in rows[0] and key != "query_loss":
         out["loss"] = float(np.mean([r["query_loss"] for r in rows]))
+    if cfg.sequence_episodes:
+        # Santoro et al.'s table: accuracy at the k-th showing of a class, each with its own 95% CI over tasks.
+        out.update(instances=cfg.data.instances, shots=None, queries=None, inner_steps=None)
+        out["instance_accuracy"], out["instance_ci95"] = {}, {}
+        for k in range(1, cfg.data.instances + 1):
+            v = np.array([r[f"inst{k}_acc"] for r in rows], dtype=np.float64)
+            out["instance_accuracy"][str(k)] = float(v.mean())
+            out["instance_ci95"][str(k)] = float(1.96 * v.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    elif cfg.algorithm.name == "memory":
+        out["inner_steps"] = None  # the memory, not the weights, adapts
     return out | (extra or {})
+
+
+def instance_accuracy_figure(summary: dict):
+    """MANN's accuracy by instance (1st, 2nd, ... showing of a class) with 95% CIs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = sorted(summary["instance_accuracy"], key=int)
+    acc = [100 * summary["instance_accuracy"][k] for k in ks]
+    ci = [100 * summary["instance_ci95"][k] for k in ks]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.errorbar([int(k) for k in ks], acc, yerr=ci, marker="o", capsize=3)
+    ax.set_xlabel("instance (k-th showing of a class)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{summary['algorithm']}, {summary['ways']} classes, {summary['tasks']} episodes")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
 
 
 def write_eval(out_dir: Path, summary: dict, rows: list[dict]) -> tuple[Path, Path]:
@@ -140,6 +171,12 @@ def write_eval(out_dir: Path, summary: dict, rows: list[dict]) -> tuple[Path, Pa
 
 
 def describe(summary: dict) -> str:
+    if "instance_accuracy" in summary:
+        per = ", ".join(f"{k}: {100 * v:.1f}%" for k, v in summary["instance_accuracy"].items()
+                        if k in ("1", "2", "3", "5", "10"))
+        return (f"{summary['ways']}-class sequence accuracy by instance {per} (all steps "
+                f"{100 * summary['accuracy']:.2f}% ± {100 * summary['ci95']:.2f}%, {summary['tasks']} episodes of "
+                f"{summary['split']})")
     if summary["metric"] == "accuracy":
         return (f"{summary['ways']}-way {summary['shots']}-shot accuracy {100 * summary['accuracy']:.2f}% "
                 f"± {100 * summary['ci95']:.2f}% (95% CI, {summary['tasks']} tasks of {summary['split']})")
@@ -283,10 +320,15 @@ def train(config_path: str | None, overrides: list[str] = (), *, out: str | None
             fig = learning_curve_figure(trainer.history)
             tracker.log_figure(fig, "learning_curve.png")
             fig.savefig(out_dir / "learning_curve.png", dpi=100)
+            if "instance_accuracy" in summary:
+                for k, v in summary["instance_accuracy"].items():
+                    tracker.log_metrics({f"test/inst{k}_acc": v}, step=last)
+                fig = instance_accuracy_figure(summary)
+                tracker.log_figure(fig, "instance_accuracy.png")
+                fig.savefig(out_dir / "instance_accuracy.png", dpi=100)
             model = model_from_checkpoint(cfg, load_checkpoint(final))
             # An input example makes MLflow save the model as pt2 (torch.export): loading it runs no pickle.
-            shape = image_shape(cfg)
-            example = np.zeros((cfg.data.ways, *shape) if shape else (cfg.data.shots, 1), dtype=np.float32)
+            example = example_input(cfg).numpy()
             model_uri = tracker.log_model(model, registered_name=cfg.tracking.register, input_example=example)
             tracker.set_tags({"metatrain.final_step": str(last), f"metatrain.test_{summary['metric']}":
                               f"{summary[summary['metric']]:.6f}", "metatrain.test_ci95": f"{summary['ci95']:.6f}",

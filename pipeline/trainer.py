@@ -71,6 +71,8 @@ class Trainer:
         score = value if key == "query_acc" else -value
         name = "val/acc" if key == "query_acc" else "val/mse"
         metrics = {name: value, "val/loss": float(np.mean([r["query_loss"] for r in rows]))}
+        # Sequence models (MANN): accuracy by instance, inst1_acc .. instK_acc.
+        metrics |= {f"val/{k}": float(np.mean([r[k] for r in rows])) for k in rows[0] if k.startswith("inst")}
         self.tracker.log_metrics(metrics, step=step)
         self.history.append({"step": step, **metrics})
         if score > self.best_val:

@@ -81,3 +81,25 @@ class SequenceEpisode:
     """``(classes,)`` quarter turns applied to each class."""
     key: tuple[int, int, int]
     """(seed, step, slot) that rebuilds the episode."""
+
+    @property
+    def ways(self) -> int:
+        return int(self.classes.shape[-1])
+
+    def to(self, device: torch.device | str) -> SequenceEpisode:
+        """The same episode with its tensors on ``device``."""
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return SequenceEpisode(move(self.x), move(self.y), move(self.prev_label), move(self.instance), self.classes,
+                               self.rotations, self.key)
+
+
+def stack_sequence_episodes(episodes: list[SequenceEpisode]) -> SequenceEpisode:
+    """Stack same-shaped sequence episodes along a new leading dimension (B episodes processed at once)."""
+    if not episodes:
+        raise ValueError("stack_sequence_episodes needs at least one episode")
+    shapes = {(e.x.shape, e.prev_label.shape) for e in episodes}
+    if len(shapes) != 1:
+        raise ValueError(f"stack_sequence_episodes needs same-shaped episodes, got {sorted(map(str, shapes))}")
+    stack = lambda name: torch.stack([getattr(e, name) for e in episodes])  # noqa: E731
+    return SequenceEpisode(stack("x"), stack("y"), stack("prev_label"), stack("instance"), stack("classes"),
+                           stack("rotations"), (-1, -1, -1))

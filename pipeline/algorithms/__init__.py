@@ -1,6 +1,7 @@
 """Meta-learning algorithms as pure functions on ``dict[str, Tensor]`` parameters, one module each.
 
-Every module (``maml``, ``fomaml``, ``reptile``, ``metasgd``, ``anil``) exposes the same interface:
+Every module (``maml``, ``fomaml``, ``reptile``, ``metasgd``, ``anil``; the memory models ``mann`` and ``memory``,
+whose "adaptation" is writing memory) exposes the same interface:
 
 * ``init_extra_params(model, cfg) -> params``: meta-parameters beyond the model's (Meta-SGD's rates; else ``{}``).
 * ``adapt(params, support, cfg, model, *, steps=None, create_graph=False, batched=False) -> params``
@@ -35,17 +36,17 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from pipeline.algorithms import anil, fomaml, maml, metasgd, reptile
+from pipeline.algorithms import anil, fomaml, maml, mann, memory, metasgd, reptile
 from pipeline.algorithms.config import ALGORITHMS, AlgorithmConfig, unknown_name
 from pipeline.algorithms.errors import AlgorithmConfigError, NonFiniteGradientError, TaskMismatchError
 from pipeline.algorithms.inner_loop import LR_PREFIX, Metrics, Params
-from tasks.episode import Episode, stack_episodes
+from tasks.episode import Episode, SequenceEpisode, stack_episodes, stack_sequence_episodes
 
 __all__ = ["ALGORITHMS", "AlgorithmConfig", "AlgorithmConfigError", "LR_PREFIX", "NonFiniteGradientError",
-           "TaskMismatchError", "anil", "evaluate_tasks", "fomaml", "get_algorithm", "init_params", "maml",
-           "measure_task_batching", "meta_gradient_tasks", "metasgd", "reptile", "use_batched"]
+           "TaskMismatchError", "anil", "evaluate_tasks", "fomaml", "get_algorithm", "init_params", "maml", "mann",
+           "measure_task_batching", "memory", "meta_gradient_tasks", "metasgd", "reptile", "use_batched"]
 
-_REGISTRY: dict[str, ModuleType] = {m.NAME: m for m in (maml, fomaml, reptile, metasgd, anil)}
+_REGISTRY: dict[str, ModuleType] = {m.NAME: m for m in (maml, fomaml, reptile, metasgd, anil, mann, memory)}
 assert tuple(_REGISTRY) == ALGORITHMS
 
 
@@ -72,15 +73,23 @@ def use_batched(cfg: AlgorithmConfig, params: Params) -> bool:
     """
     if cfg.task_batching != "auto":
         return cfg.task_batching == "batched"
+    if getattr(get_algorithm(cfg.name), "AUTO_BATCHED", False):
+        return True  # sequence models: batching amortises the per-step Python loop, on any device
     return next(iter(params.values())).device.type == "cuda"
 
 
-def _groups(episodes: Sequence[Episode]) -> list[list[Episode]]:
+def _groups(episodes: Sequence[Episode | SequenceEpisode]) -> list[list[Episode | SequenceEpisode]]:
     """Episodes grouped by shape (only same-shaped ones can be stacked), in first-seen order."""
-    groups: dict[tuple, list[Episode]] = {}
+    groups: dict[tuple, list] = {}
     for e in episodes:
-        groups.setdefault((tuple(e.support_x.shape), tuple(e.query_x.shape)), []).append(e)
+        shape = (tuple(e.x.shape), tuple(e.prev_label.shape)) if isinstance(e, SequenceEpisode) \
+            else (tuple(e.support_x.shape), tuple(e.query_x.shape))
+        groups.setdefault(shape, []).append(e)
     return list(groups.values())
+
+
+def _stack(group: list[Episode | SequenceEpisode]) -> Episode | SequenceEpisode:
+    return stack_sequence_episodes(group) if isinstance(group[0], SequenceEpisode) else stack_episodes(group)
 
 
 def _accumulate(total: Params | None, grads: Params) -> Params:
@@ -106,7 +115,7 @@ def meta_gradient_tasks(params: Params, episodes: Sequence[Episode], cfg: Algori
     sums: dict[str, float] = {}
     if batched:
         for group in _groups(episodes):
-            grads, metrics = algo.meta_gradient_batched(params, stack_episodes(group), cfg, model,
+            grads, metrics = algo.meta_gradient_batched(params, _stack(group), cfg, model,
                                                         keys=[e.key for e in group])
             total = _accumulate(total, grads)
             for k, v in metrics.items():
@@ -131,7 +140,7 @@ def evaluate_tasks(params: Params, episodes: Sequence[Episode], cfg: AlgorithmCo
     batched = use_batched(cfg, params) if batched is None else batched
     sums: dict[str, float] = {}
     if batched:
-        parts = [(stack_episodes(g), len(g), [e.key for e in g]) for g in _groups(episodes)]
+        parts = [(_stack(g), len(g), [e.key for e in g]) for g in _groups(episodes)]
     else:
         parts = [(e, 1, None) for e in episodes]
     for ep, count, keys in parts:

@@ -18,7 +18,7 @@ from typing import Any
 from pipeline.algorithms.errors import AlgorithmConfigError
 
 #: The algorithm names, one module each under pipeline/algorithms/.
-ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil")
+ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "mann", "memory")
 REPTILE_OPTIMIZERS = ("sgd", "adam")
 METASGD_LRS = ("per_param", "per_layer_step")
 TASK_BATCHING = ("auto", "loop", "batched")
@@ -36,7 +36,7 @@ class AlgorithmConfig:
     """How one meta-learning algorithm adapts to a task and computes its meta-gradient (defaults: MAML, Omniglot)."""
 
     name: str = "maml"
-    """Algorithm: one of maml, fomaml, reptile, metasgd, anil."""
+    """Algorithm: maml, fomaml, reptile, metasgd, anil (inner loop); mann (sequence), memory (key-value module)."""
     inner_lr: float = 0.4
     """Inner-loop step size (Meta-SGD: the initial value of every learned rate). MAML used 0.4 on Omniglot."""
     inner_steps: int = 1
@@ -66,6 +66,12 @@ class AlgorithmConfig:
     task_batching: str = "auto"
     """How a worker runs its tasks: 'loop' (one by one), 'batched' (all at once), 'auto' (loop on CPU, batched on
     GPU)."""
+    memory_size: int = 128
+    """memory: slots of the key-value memory (it must hold an episode's support set; the paper used 8192)."""
+    memory_k: int = 256
+    """memory: nearest neighbours searched for the loss's positive and negative (Kaiser et al.: 256)."""
+    memory_margin: float = 0.1
+    """memory: alpha, the margin of the memory loss max(0, q.K[b] - q.K[p] + alpha)."""
     check_finite: bool = True
     """Raise NonFiniteGradientError on a NaN/Inf gradient, naming the step and parameter (one sync per task)."""
 
@@ -83,6 +89,14 @@ class AlgorithmConfig:
                 or not math.isfinite(self.inner_lr) or self.inner_lr <= 0:
             raise AlgorithmConfigError(f"inner_lr: must be a finite number > 0, got {self.inner_lr!r}")
         object.__setattr__(self, "inner_lr", float(self.inner_lr))
+        for f in ("memory_size", "memory_k"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise AlgorithmConfigError(f"{f}: must be an integer >= 1, got {v!r}")
+        if not isinstance(self.memory_margin, (int, float)) or isinstance(self.memory_margin, bool) \
+                or not math.isfinite(self.memory_margin) or self.memory_margin < 0:
+            raise AlgorithmConfigError(f"memory_margin: must be a finite number >= 0, got {self.memory_margin!r}")
+        object.__setattr__(self, "memory_margin", float(self.memory_margin))
         if self.inner_steps < 1:
             raise AlgorithmConfigError(f"inner_steps: must be >= 1 at meta-training, got {self.inner_steps}")
         if self.eval_inner_steps < 0:
