@@ -4,6 +4,7 @@
     python bench/train_budget.py --algo maml --minutes 30 --set workers.count=2
     python bench/train_budget.py --algo mann --minutes 60        # MANN, then the LSTM baseline on the same budget
     python bench/train_budget.py --algo memory --minutes 60      # Kaiser et al.'s memory module, 5w1s
+    python bench/train_budget.py --algo protonet --minutes 20 [--ways 20] [--shots 5]
 
 Trains the algorithm's config (configs/omniglot_<algo>_5w1s.yaml; mann: omniglot_mann_5class.yaml) through the whole
 pipeline (local Ray, parameter server, MLflow) until the budget is spent, then evaluates the final weights on 600
@@ -27,7 +28,13 @@ from pipeline.driver import train  # noqa: E402
 # Omniglot 5-way 1-shot test accuracy as published (%).
 PUBLISHED = {"maml": (98.7, "Finn et al. 2017"), "fomaml": (98.3, "Finn et al. 2017"),
              "reptile": (97.68, "Nichol et al. 2018, transductive"), "protonet": (98.8, "Snell et al. 2017"),
-             "matching": (98.1, "Vinyals et al. 2016"), "memory": (98.4, "Kaiser et al. 2017")}
+             "matching": (98.1, "Vinyals et al. 2016"), "memory": (98.4, "Kaiser et al. 2017"),
+             "relation": (99.6, "Sung et al. 2018"), "siamese": (float("nan"), "Koch et al. 2015: 92.0 at 20-way")}
+# The papers' Omniglot accuracies by (ways, shots) where they report more than 5w1s (%).
+PUBLISHED_BY_TASK = {"protonet": {(5, 1): 98.8, (5, 5): 99.7, (20, 1): 96.0, (20, 5): 98.9},
+                     "matching": {(5, 1): 98.1, (5, 5): 98.9, (20, 1): 93.8, (20, 5): 98.5},
+                     "relation": {(5, 1): 99.6, (5, 5): 99.8, (20, 1): 97.6, (20, 5): 99.1},
+                     "memory": {(5, 1): 98.4, (20, 1): 95.0}, "siamese": {(20, 1): 92.0}}
 # Santoro et al. 2016, Omniglot 5 classes, accuracy at instances 1, 2, 3, 5, 10 (%).
 PUBLISHED_MANN = {"MANN (LRUA)": (36.4, 82.8, 91.0, 94.9, 98.1), "LSTM": (24.4, 49.5, 55.3, 61.0, 63.6)}
 INSTANCES = ("1", "2", "3", "5", "10")
@@ -39,7 +46,10 @@ def run(algo: str, args, extra: list[str]) -> tuple:
     config = root / "configs" / CONFIGS.get(algo, f"omniglot_{algo}_5w1s.yaml")
     label = algo + ("-" + extra[0].split("=")[1] if extra else "")
     out = args.out or f"runs/budget-{label}-{args.ways}w{args.shots}s-{time.strftime('%Y%m%d-%H%M%S')}"
-    overrides = [f"data.path={args.data}", f"data.ways={args.ways}", f"train.time_budget_s={args.minutes * 60}",
+    # ProtoNets train wider than they test (60-way in its config): only the test ways follow --ways.
+    ways = [f"data.eval_ways={args.ways}"] if algo == "protonet" else [f"data.ways={args.ways}",
+                                                                       f"data.eval_ways={args.ways}"]
+    overrides = [f"data.path={args.data}", *ways, f"train.time_budget_s={args.minutes * 60}",
                  "train.steps=1000000", "train.eval_tasks=600", *extra, *args.overrides]
     if algo != "mann":
         overrides.insert(2, f"data.shots={args.shots}")
@@ -82,6 +92,8 @@ def main() -> None:
     config, result, wall, out = run(args.algo, args, [])
     s = result.summary
     paper, source = PUBLISHED.get(args.algo, (float("nan"), "-"))
+    paper = PUBLISHED_BY_TASK.get(args.algo, {}).get((args.ways, args.shots), paper if (args.ways, args.shots) == (5, 1)
+                                                      else float("nan"))
     print()
     print(f"{head}; config {config.name} {' '.join(args.overrides)}")
     print()

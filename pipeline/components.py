@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from models import MANN, Conv4, FewShotModel, KeyEncoder, SequenceLSTM, SinusoidMLP
+from models.metric import Conv4Embedding, MatchingNetwork, RelationNetwork, SiameseNetwork
 from pipeline.algorithms import get_algorithm
 from pipeline.checkpoint import model_fingerprint
 from pipeline.config import Config, ConfigError
@@ -44,10 +45,11 @@ def build_sampler(cfg: Config, store: TaskStore | None, split: str):
     rotations = None if d.rotations == "auto" else d.rotations == "on"
     if split != "train" and d.rotations == "on":
         rotations = None  # "on" asks for training augmentation; held-out splits follow their default (off)
+    ways = d.ways if split == "train" else d.test_ways
     if cfg.sequence_episodes:
         return SequenceEpisodeSampler(store, classes=d.ways, instances=d.instances, split=name, rotations=rotations,
                                       seed=seed, split_seed=d.split_seed)
-    return EpisodeSampler(store, ways=d.ways, shots=d.shots, queries=d.queries, split=name, rotations=rotations,
+    return EpisodeSampler(store, ways=ways, shots=d.shots, queries=d.queries, split=name, rotations=rotations,
                           seed=seed, split_seed=d.split_seed)
 
 
@@ -83,6 +85,14 @@ def build_model(cfg: Config, shape: tuple[int, int, int] | None) -> FewShotModel
             raise DataError(f"{cfg.data.path}: images are {height}x{width}; {m.name} expects square images")
         if m.name == "key_encoder":
             return KeyEncoder(m.key_size, in_channels=channels, hidden=m.hidden, image_size=height, pool=m.pool)
+        if m.name == "embedding":
+            return Conv4Embedding(channels, hidden=m.hidden, image_size=height, pool=m.pool)
+        if m.name == "matching":
+            return MatchingNetwork(channels, hidden=m.hidden, image_size=height, fce=m.fce, read_steps=m.fce_read_steps)
+        if m.name == "relation":
+            return RelationNetwork(channels, hidden=m.hidden, image_size=height, relation_hidden=m.relation_hidden)
+        if m.name == "siamese":
+            return SiameseNetwork(channels, hidden=m.hidden, image_size=height)
         return Conv4(cfg.data.ways, in_channels=channels, hidden=m.hidden, image_size=height, pool=m.pool,
                      bn_steps=cfg.algorithm.bn_steps_needed)
     except DataError:

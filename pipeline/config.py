@@ -47,6 +47,8 @@ class DataConfig:
     """Support images per class (sinusoid: support points per task)."""
     queries: int = 15
     """Query images per class (sinusoid: query points per task)."""
+    eval_ways: int | None = None
+    """Ways of validation and test episodes (None: data.ways); metric learners may train wider (ProtoNets: 60)."""
     instances: int = 10
     """Sequence episodes (algorithm mann): drawings per class in the sequence, so T = ways * instances."""
     train_split: str = "background/train"
@@ -63,6 +65,12 @@ class DataConfig:
     def __post_init__(self):
         for name in ("ways", "shots", "queries", "instances"):
             _require(getattr(self, name) >= 1, f"data.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _require(self.eval_ways is None or self.eval_ways >= 1, "data.eval_ways", f"must be >= 1, got {self.eval_ways}")
+
+    @property
+    def test_ways(self) -> int:
+        """Ways of validation and test episodes."""
+        return self.eval_ways or self.ways
 
     @property
     def is_sinusoid(self) -> bool:
@@ -73,9 +81,11 @@ class DataConfig:
 class ModelConfig:
     """The network whose parameters are meta-learned."""
 
-    name: Literal["conv4", "mlp", "mann", "lstm", "key_encoder"] = "conv4"
+    name: Literal["conv4", "mlp", "mann", "lstm", "key_encoder", "embedding", "matching", "relation", "siamese"] = \
+        "conv4"
     """conv4: MAML's 4-block CNN; mlp: the sinusoid MLP (1-40-40-1); mann: LSTM + LRUA memory (Santoro et al.);
-    lstm: mann's memory-less baseline; key_encoder: conv4 trunk + linear to key_size (Kaiser et al.'s memory)."""
+    lstm: mann's memory-less baseline; key_encoder: conv4 trunk + linear to key_size (Kaiser et al.'s memory);
+    embedding (protonet), matching, relation, siamese: the metric learners' networks (models/metric.py)."""
     hidden: int = 64
     """Filters per conv block (64 for Omniglot, 32 for mini-ImageNet) or MLP hidden width (40)."""
     pool: Literal["max", "stride"] = "max"
@@ -94,11 +104,18 @@ class ModelConfig:
     """mann: read the memory before this step's write (see models/mann.py for why); false = the paper's order."""
     mann_key_strength: bool = True
     """mann: a learned key strength beta in the read's softmax (NTM addressing); false = the paper's beta = 1."""
+    fce: bool = False
+    """matching: full-context embeddings (bidirectional LSTM over the support, attention LSTM for queries)."""
+    fce_read_steps: int = 5
+    """matching with fce: attention-LSTM read steps K over the support."""
+    relation_hidden: int = 8
+    """relation: width of the relation module's hidden fully connected layer."""
     key_size: int = 128
     """key_encoder: width of the normalised query key."""
 
     def __post_init__(self):
-        for name in ("hidden", "controller", "memory_slots", "memory_width", "read_heads", "key_size"):
+        for name in ("hidden", "controller", "memory_slots", "memory_width", "read_heads", "key_size",
+                     "fce_read_steps", "relation_hidden"):
             _require(getattr(self, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(self, name)}")
         _require(self.read_heads <= self.memory_slots, "model.read_heads",
                  f"must be <= model.memory_slots ({self.memory_slots}), got {self.read_heads}")
@@ -231,8 +248,9 @@ class TrackingConfig:
         _require(bool(self.experiment), "tracking.experiment", "must not be empty")
 
 
-#: The models each memory algorithm runs (every other algorithm on images runs conv4).
-MEMORY_MODELS = {"mann": ("mann", "lstm"), "memory": ("key_encoder",)}
+#: The models the memory and metric algorithms run (every other algorithm on images runs conv4).
+ALGORITHM_MODELS = {"mann": ("mann", "lstm"), "memory": ("key_encoder",), "protonet": ("embedding",),
+                    "matching": ("matching",), "relation": ("relation",), "siamese": ("siamese",)}
 
 
 @dataclass(frozen=True)
@@ -258,14 +276,18 @@ class Config:
         algo, model = self.algorithm.name, self.model.name
         if self.data.is_sinusoid:
             _require(model == "mlp", "model.name", f"must be 'mlp' for data.dataset=sinusoid, got {model!r}")
-            _require(algo not in MEMORY_MODELS, "algorithm.name", f"{algo} needs image data, not sinusoids")
-        elif algo in MEMORY_MODELS:
-            allowed = MEMORY_MODELS[algo]
+            _require(algo not in ALGORITHM_MODELS, "algorithm.name", f"{algo} needs image data, not sinusoids")
+        elif algo in ALGORITHM_MODELS:
+            allowed = ALGORITHM_MODELS[algo]
             _require(model in allowed, "model.name", f"must be one of {', '.join(allowed)} for algorithm.name="
                      f"{algo}, got {model!r}")
         else:
             _require(model == "conv4", "model.name", f"must be 'conv4' for algorithm.name={algo} on image data, "
                      f"got {model!r}")
+        if self.data.eval_ways not in (None, self.data.ways):
+            _require(algo in ALGORITHM_MODELS and algo != "mann", "data.eval_ways",
+                     f"must equal data.ways for {algo} (its classifier head is data.ways wide); only memory and "
+                     f"metric learners can test on other ways")
 
     @property
     def sequence_episodes(self) -> bool:

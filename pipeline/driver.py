@@ -115,7 +115,7 @@ def summarize(rows: list[dict], cfg: Config, split: str, extra: dict | None = No
         "ci95": float(ci),
         "tasks": n,
         "split": split,
-        "ways": cfg.data.ways,
+        "ways": cfg.data.test_ways,
         "shots": cfg.data.shots,
         "queries": cfg.data.queries,
         "inner_steps": cfg.algorithm.eval_inner_steps,
@@ -132,8 +132,8 @@ def summarize(rows: list[dict], cfg: Config, split: str, extra: dict | None = No
             v = np.array([r[f"inst{k}_acc"] for r in rows], dtype=np.float64)
             out["instance_accuracy"][str(k)] = float(v.mean())
             out["instance_ci95"][str(k)] = float(1.96 * v.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
-    elif cfg.algorithm.name == "memory":
-        out["inner_steps"] = None  # the memory, not the weights, adapts
+    elif cfg.algorithm.name not in ("maml", "fomaml", "reptile", "metasgd", "anil"):
+        out["inner_steps"] = None  # the memory or the embedding of the support set adapts, not the weights
     return out | (extra or {})
 
 

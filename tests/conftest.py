@@ -84,3 +84,18 @@ def zip_bytes(members: dict[str, bytes]) -> bytes:
         for k, v in members.items():
             zf.writestr(k, v)
     return buf.getvalue()
+
+
+def prototype_episode(slot: int, ways: int = 3, shots: int = 1, queries: int = 2, size: int = 28, step: int = 1):
+    """A synthetic few-shot Episode: each class a random image, each example a noisy copy (seeded by ``slot``)."""
+    import torch
+
+    from tasks.episode import Episode
+
+    g = torch.Generator().manual_seed(slot)
+    protos = torch.rand(ways, 1, size, size, generator=g)
+    sy = torch.arange(ways).repeat_interleave(shots)
+    qy = torch.arange(ways).repeat_interleave(queries)
+    noise = lambda n: 0.2 * torch.randn(n, 1, size, size, generator=g)  # noqa: E731
+    return Episode(protos[sy] + noise(len(sy)), sy, protos[qy] + noise(len(qy)), qy, torch.arange(ways),
+                   torch.zeros(ways, dtype=torch.long), (0, step, slot))

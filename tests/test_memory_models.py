@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import prototype_episode
 
 from models import MANN, KeyEncoder, Memory, SequenceLSTM
 from models.mann import clear_least_used, least_used, lrua_write, lrua_write_weights, update_usage
@@ -24,7 +25,7 @@ from pipeline.algorithms import mann as mann_algo
 from pipeline.algorithms import memory as memory_algo
 from pipeline.algorithms.errors import TaskMismatchError
 from pipeline.config import ConfigError, load_config
-from tasks.episode import Episode, SequenceEpisode
+from tasks.episode import SequenceEpisode
 
 # ---- NTM addressing ------------------------------------------------------------------------------------------------
 
@@ -233,22 +234,12 @@ def test_mann_meta_gradient_is_the_sequence_cross_entropy_gradient_and_batches_e
         mann_algo.meta_gradient(params, bad, cfg, net)
 
 
-def few_shot_episode(slot: int, ways=3, shots=1, queries=2, size=28) -> Episode:
-    g = torch.Generator().manual_seed(slot)
-    protos = torch.rand(ways, 1, size, size, generator=g)
-    sy = torch.arange(ways).repeat_interleave(shots)
-    qy = torch.arange(ways).repeat_interleave(queries)
-    noise = lambda n: 0.2 * torch.randn(n, 1, size, size, generator=g)  # noqa: E731
-    return Episode(protos[sy] + noise(len(sy)), sy, protos[qy] + noise(len(qy)), qy, torch.arange(ways),
-                   torch.zeros(ways, dtype=torch.long), (0, 1, slot))
-
-
 def test_memory_meta_gradient_is_deterministic_and_batches_exactly():
     torch.manual_seed(0)
     enc = KeyEncoder(key_size=16, hidden=8)
     params = {k: v.detach().clone() for k, v in enc.named_parameters()}
     cfg = AlgorithmConfig(name="memory", memory_size=4)
-    eps = [few_shot_episode(s) for s in range(3)]
+    eps = [prototype_episode(s) for s in range(3)]
     g1, m1 = memory_algo.meta_gradient(params, eps[0], cfg, enc)
     g2, _ = memory_algo.meta_gradient(params, eps[0], cfg, enc)
     assert all(torch.equal(g1[k], g2[k]) for k in g1) and 0 <= m1["query_acc"] <= 1

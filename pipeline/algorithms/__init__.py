@@ -1,7 +1,8 @@
 """Meta-learning algorithms as pure functions on ``dict[str, Tensor]`` parameters, one module each.
 
 Every module (``maml``, ``fomaml``, ``reptile``, ``metasgd``, ``anil``; the memory models ``mann`` and ``memory``,
-whose "adaptation" is writing memory) exposes the same interface:
+whose "adaptation" is writing memory; the metric learners ``protonet``, ``matching``, ``relation``, ``siamese``,
+whose adaptation is embedding the support set) exposes the same interface:
 
 * ``init_extra_params(model, cfg) -> params``: meta-parameters beyond the model's (Meta-SGD's rates; else ``{}``).
 * ``adapt(params, support, cfg, model, *, steps=None, create_graph=False, batched=False) -> params``
@@ -36,7 +37,19 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from pipeline.algorithms import anil, fomaml, maml, mann, memory, metasgd, reptile
+from pipeline.algorithms import (
+    anil,
+    fomaml,
+    maml,
+    mann,
+    matching,
+    memory,
+    metasgd,
+    protonet,
+    relation,
+    reptile,
+    siamese,
+)
 from pipeline.algorithms.config import ALGORITHMS, AlgorithmConfig, unknown_name
 from pipeline.algorithms.errors import AlgorithmConfigError, NonFiniteGradientError, TaskMismatchError
 from pipeline.algorithms.inner_loop import LR_PREFIX, Metrics, Params
@@ -44,9 +57,11 @@ from tasks.episode import Episode, SequenceEpisode, stack_episodes, stack_sequen
 
 __all__ = ["ALGORITHMS", "AlgorithmConfig", "AlgorithmConfigError", "LR_PREFIX", "NonFiniteGradientError",
            "TaskMismatchError", "anil", "evaluate_tasks", "fomaml", "get_algorithm", "init_params", "maml", "mann",
-           "measure_task_batching", "memory", "meta_gradient_tasks", "metasgd", "reptile", "use_batched"]
+           "matching", "measure_task_batching", "memory", "meta_gradient_tasks", "metasgd", "protonet", "relation",
+           "reptile", "siamese", "use_batched"]
 
-_REGISTRY: dict[str, ModuleType] = {m.NAME: m for m in (maml, fomaml, reptile, metasgd, anil, mann, memory)}
+_REGISTRY: dict[str, ModuleType] = {m.NAME: m for m in (maml, fomaml, reptile, metasgd, anil, mann, memory, protonet,
+                                                         matching, relation, siamese)}
 assert tuple(_REGISTRY) == ALGORITHMS
 
 

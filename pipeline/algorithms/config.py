@@ -18,7 +18,9 @@ from typing import Any
 from pipeline.algorithms.errors import AlgorithmConfigError
 
 #: The algorithm names, one module each under pipeline/algorithms/.
-ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "mann", "memory")
+ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "mann", "memory", "protonet", "matching", "relation",
+              "siamese")
+DISTANCES = ("euclidean", "cosine")
 REPTILE_OPTIMIZERS = ("sgd", "adam")
 METASGD_LRS = ("per_param", "per_layer_step")
 TASK_BATCHING = ("auto", "loop", "batched")
@@ -36,7 +38,8 @@ class AlgorithmConfig:
     """How one meta-learning algorithm adapts to a task and computes its meta-gradient (defaults: MAML, Omniglot)."""
 
     name: str = "maml"
-    """Algorithm: maml, fomaml, reptile, metasgd, anil (inner loop); mann (sequence), memory (key-value module)."""
+    """Algorithm: maml, fomaml, reptile, metasgd, anil (inner loop); mann (sequence), memory (key-value module);
+    protonet, matching, relation, siamese (metric learners)."""
     inner_lr: float = 0.4
     """Inner-loop step size (Meta-SGD: the initial value of every learned rate). MAML used 0.4 on Omniglot."""
     inner_steps: int = 1
@@ -72,6 +75,10 @@ class AlgorithmConfig:
     """memory: nearest neighbours searched for the loss's positive and negative (Kaiser et al.: 256)."""
     memory_margin: float = 0.1
     """memory: alpha, the margin of the memory loss max(0, q.K[b] - q.K[p] + alpha)."""
+    distance: str = "euclidean"
+    """protonet: squared 'euclidean' distance to the prototypes (the paper's) or 'cosine' similarity."""
+    cosine_scale: float = 10.0
+    """protonet with cosine: logits = scale * cos (a cosine in [-1, 1] is too flat a softmax input on its own)."""
     check_finite: bool = True
     """Raise NonFiniteGradientError on a NaN/Inf gradient, naming the step and parameter (one sync per task)."""
 
@@ -107,6 +114,12 @@ class AlgorithmConfig:
             raise unknown_name("metasgd_lr", self.metasgd_lr, METASGD_LRS)
         if self.reptile_optimizer not in REPTILE_OPTIMIZERS:
             raise unknown_name("reptile_optimizer", self.reptile_optimizer, REPTILE_OPTIMIZERS)
+        if self.distance not in DISTANCES:
+            raise unknown_name("distance", self.distance, DISTANCES)
+        if not isinstance(self.cosine_scale, (int, float)) or isinstance(self.cosine_scale, bool) \
+                or not math.isfinite(self.cosine_scale) or self.cosine_scale <= 0:
+            raise AlgorithmConfigError(f"cosine_scale: must be a finite number > 0, got {self.cosine_scale!r}")
+        object.__setattr__(self, "cosine_scale", float(self.cosine_scale))
         if self.task_batching not in TASK_BATCHING:
             raise unknown_name("task_batching", self.task_batching, TASK_BATCHING)
         betas = tuple(self.reptile_adam_betas)

@@ -23,6 +23,7 @@ from torch.func import functional_call
 
 from models.memory_module import Memory
 from pipeline.algorithms.config import AlgorithmConfig
+from pipeline.algorithms.embedding import unstack
 from pipeline.algorithms.errors import AlgorithmConfigError, TaskMismatchError
 from pipeline.algorithms.inner_loop import Key, Metrics, Params, check_finite, leaves
 from tasks.episode import Episode
@@ -75,18 +76,11 @@ def meta_gradient(params: Params, episode: Episode, cfg: AlgorithmConfig, model:
                                      "query_acc": float((pred == episode.query_y).float().mean())}
 
 
-def _unstack(stacked: Episode, keys: Sequence[Key] | None) -> list[Episode]:
-    n = stacked.support_x.shape[0]
-    return [Episode(stacked.support_x[t], stacked.support_y[t], stacked.query_x[t], stacked.query_y[t],
-                    stacked.classes[t], stacked.rotations[t], tuple(keys[t]) if keys else (-1, -1, t))
-            for t in range(n)]
-
-
 def meta_gradient_batched(params: Params, stacked: Episode, cfg: AlgorithmConfig, model: nn.Module,
                           keys: Sequence[Key] | None = None) -> tuple[Params, Metrics]:
     """A stack of episodes, one at a time (each memory is written in order): grads summed, metrics averaged."""
     total, sums = None, {}
-    episodes = _unstack(stacked, keys)
+    episodes = unstack(stacked, keys)
     for ep in episodes:
         grads, metrics = meta_gradient(params, ep, cfg, model)
         total = grads if total is None else {k: total[k] + g for k, g in grads.items()}
@@ -104,7 +98,7 @@ def evaluate(params: Params, episode: Episode, cfg: AlgorithmConfig, model: nn.M
              steps: int | None = None, batched: bool = False, keys: Sequence[Key] | None = None  # noqa: ARG001
              ) -> Metrics:
     """Write the support set, predict every query from its nearest slot: loss and accuracy (averaged if stacked)."""
-    episodes = _unstack(episode, keys) if batched else [episode]
+    episodes = unstack(episode, keys) if batched else [episode]
     sums: dict[str, float] = {}
     with torch.no_grad():
         for ep in episodes:

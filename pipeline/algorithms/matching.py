@@ -1,0 +1,42 @@
+"""Matching Networks (Vinyals et al. 2016): attention over the labelled support set.
+
+a(x, x_i) = softmax_i(cos(f(x), g(x_i))); P(y | x) = sum_i a(x, x_i) y_i (one-hot y_i); loss = NLL of the queries.
+With ``model.fce: true``, g is a bidirectional LSTM over the support embeddings (plus a skip) and f an attention
+LSTM with ``model.fce_read_steps`` reads of g(S) (see models/metric.py: MatchingNetwork).
+
+    >>> grads, metrics = matching.meta_gradient(params, episode, AlgorithmConfig(name="matching"), MatchingNetwork())
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.metric import cosine
+from pipeline.algorithms.config import AlgorithmConfig
+from pipeline.algorithms.embedding import call, check_episode, embed_episode, interface
+from pipeline.algorithms.inner_loop import Params
+from tasks.episode import Episode
+
+NAME = "matching"
+
+
+def attention(query: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """a(x, x_i) = softmax_i(cos(f(x), g(x_i))): ``(queries, supports)``, rows summing to 1."""
+    return torch.softmax(cosine(query, support), dim=-1)
+
+
+def scores(params: Params, episode: Episode, cfg: AlgorithmConfig, model: nn.Module  # noqa: ARG001
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(NLL of the queries, log P(y | x) ``(queries, ways)``)."""
+    ways = check_episode(NAME, model, episode)
+    support, query = embed_episode(model, params, episode)
+    g = call(model, params, "context_support", support)
+    f = call(model, params, "context_query", query, g)
+    probs = attention(f, g) @ F.one_hot(episode.support_y, ways).to(f.dtype)
+    log_probs = probs.clamp(min=1e-12).log()
+    return F.nll_loss(log_probs, episode.query_y), log_probs
+
+
+init_extra_params, adapt, meta_gradient, meta_gradient_batched, evaluate = interface(NAME, scores)

@@ -1,0 +1,39 @@
+"""Prototypical Networks (Snell et al. 2017): classify a query by its distance to each class's mean embedding.
+
+v_c = mean of f(x) over the support of class c; P(y = c | x) = softmax_c(-d(f(x), v_c)) with d the squared Euclidean
+distance (``algorithm.distance: cosine`` uses -cos instead, scaled by ``algorithm.cosine_scale``); loss = NLL of the
+queries. Training may use more ways than testing (the paper trained 60-way: ``data.ways: 60``, ``data.eval_ways: 5``).
+
+    >>> from pipeline.algorithms import AlgorithmConfig, protonet
+    >>> grads, metrics = protonet.meta_gradient(params, episode, AlgorithmConfig(name="protonet"), Conv4Embedding())
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.metric import cosine, prototypes, squared_euclidean
+from pipeline.algorithms.config import AlgorithmConfig
+from pipeline.algorithms.embedding import check_episode, embed_episode, interface
+from pipeline.algorithms.inner_loop import Params
+from tasks.episode import Episode
+
+NAME = "protonet"
+
+
+def scores(params: Params, episode: Episode, cfg: AlgorithmConfig, model: nn.Module
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(NLL of the queries, logits = negative distances to the prototypes ``(queries, ways)``)."""
+    ways = check_episode(NAME, model, episode)
+    support, query = embed_episode(model, params, episode)
+    protos = prototypes(support, episode.support_y, ways)
+    if cfg.distance == "cosine":
+        logits = cfg.cosine_scale * cosine(query, protos)
+    else:
+        logits = -squared_euclidean(query, protos)
+    return F.cross_entropy(logits, episode.query_y), logits
+
+
+init_extra_params, adapt, meta_gradient, meta_gradient_batched, evaluate = interface(NAME, scores)

@@ -1,0 +1,39 @@
+"""Siamese networks (Koch et al. 2015): verification training on pairs, one-shot prediction by the best match.
+
+p(x_i, x_j) = sigmoid(w . |f(x_i) - f(x_j)| + b), symmetric in i and j. Every (query, support) pair of an episode is a
+training pair with target 1[y_i = y_j]; positives are weighted by (negatives / positives) so both kinds count equally
+(Koch et al. sampled balanced pairs). A query is predicted as the class of the support item with the highest p;
+its per-class score is the best p over that class's support items.
+
+    >>> grads, metrics = siamese.meta_gradient(params, episode, AlgorithmConfig(name="siamese"), SiameseNetwork())
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.algorithms.config import AlgorithmConfig
+from pipeline.algorithms.embedding import call, check_episode, embed_episode, interface
+from pipeline.algorithms.inner_loop import Params
+from tasks.episode import Episode
+
+NAME = "siamese"
+
+
+def scores(params: Params, episode: Episode, cfg: AlgorithmConfig, model: nn.Module  # noqa: ARG001
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(balanced BCE over all query-support pairs, best pair logit per class ``(queries, ways)``)."""
+    ways = check_episode(NAME, model, episode)
+    support, query = embed_episode(model, params, episode)
+    logits = call(model, params, "pair_logits", query, support)  # (m, n)
+    same = (episode.query_y.unsqueeze(1) == episode.support_y.unsqueeze(0)).to(logits.dtype)
+    positives = same.sum().clamp(min=1)
+    loss = F.binary_cross_entropy_with_logits(logits, same, pos_weight=(same.numel() - positives) / positives)
+    per_class = logits.unsqueeze(-1).masked_fill(
+        F.one_hot(episode.support_y, ways).bool().logical_not().unsqueeze(0), float("-inf")).amax(1)
+    return loss, per_class
+
+
+init_extra_params, adapt, meta_gradient, meta_gradient_batched, evaluate = interface(NAME, scores)
