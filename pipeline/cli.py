@@ -5,6 +5,9 @@
     metatrain sample --data data/omniglot --ways 5 --shots 1 --queries 15 --split evaluation
     metatrain train configs/omniglot_fomaml_5w1s.yaml --out runs/fomaml [--set train.steps=300] [--resume RUN_ID]
     metatrain eval --run RUN_ID [--tasks 600]     |     metatrain eval --model models:/NAME@champion
+    metatrain predict --model models:/NAME@champion --support DIR --query DIR [--json OUT]
+    metatrain retrain configs/omniglot_fomaml_5w1s.yaml --model omniglot-fomaml --budget-steps 500
+    metatrain study studies/omniglot_shots_ways.yaml [--parallel 2]
 
 Every user-facing failure is a ``MetatrainError``: printed as one line ``metatrain: error: ...`` with exit code 2.
 Anything else is a bug and keeps its traceback.
@@ -80,6 +83,42 @@ def _add_eval(sub) -> None:
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
 
 
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="adapt a trained model to your labelled support images and label your queries")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", default=None, help="registered model, models:/NAME@ALIAS or models:/NAME/VERSION")
+    src.add_argument("--run", default=None, help="a run id (its final checkpoint)")
+    p.add_argument("--support", required=True, help="folder with one sub-folder of images per class")
+    p.add_argument("--query", required=True, help="folder of images to label")
+    p.add_argument("--json", default=None, help="also write the predictions to this JSON file")
+    p.add_argument("--invert", choices=("auto", "yes", "no"), default="auto",
+                   help="invert pixels to ink-high: auto = as the training store did (Omniglot: yes)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI)")
+
+
+def _add_retrain(sub) -> None:
+    p = sub.add_parser("retrain", help="train a challenger from the @champion, promote it only if it is better")
+    p.add_argument("config", help="YAML config of the challenger (same model as the champion)")
+    p.add_argument("--model", required=True, help="registered model name")
+    p.add_argument("--budget-steps", type=int, default=None, help="training steps (default: the config's)")
+    p.add_argument("--margin", type=float, default=None,
+                   help="accuracy gain needed to promote (default: 95%% CI half-width of the paired difference)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B=V")
+    p.add_argument("--out", default=None, help="run folder (default runs/retrain-NAME-<time>)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow registry (default $MLFLOW_TRACKING_URI)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
+    p.add_argument("--quiet", action="store_true")
+
+
+def _add_study(sub) -> None:
+    p = sub.add_parser("study", help="one run per cell of a grid over task distributions and algorithms")
+    p.add_argument("study", help="study file (studies/*.yaml)")
+    p.add_argument("--out", default=None, help="study folder (default runs/studies/NAME); re-running resumes it")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default OUT/mlflow.db)")
+    p.add_argument("--parallel", type=int, default=None, help="cells at once (default: as many as the CPUs hold)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metatrain", description="Distributed meta-learning on Ray with MLflow.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample(sub)
     _add_train(sub)
     _add_eval(sub)
+    _add_predict(sub)
+    _add_retrain(sub)
+    _add_study(sub)
     return parser
 
 
@@ -162,7 +204,46 @@ def cmd_eval(args) -> int:
     return 0
 
 
-COMMANDS = {"prepare": cmd_prepare, "sample": cmd_sample, "train": cmd_train, "eval": cmd_eval}
+def cmd_predict(args) -> int:
+    from pipeline.driver import RunError, checkpoint_of
+    from pipeline.predict import predict, write_predictions
+
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if args.model and not uri:
+        raise RunError("--model needs the registry: pass --tracking-uri or set MLFLOW_TRACKING_URI")
+    state, what = checkpoint_of(args.run, args.model, uri)
+    invert = None if args.invert == "auto" else args.invert == "yes"
+    predictions = predict(state, args.support, args.query, invert=invert)
+    width = max(len(p.file) for p in predictions)
+    for p in predictions:
+        print(f"{p.file:<{width}}  {p.label}  {p.probability:.3f}")
+    if args.json:
+        write_predictions(predictions, args.json)
+        print(f"wrote {len(predictions)} predictions of {what} to {args.json}", file=sys.stderr)
+    return 0
+
+
+def cmd_retrain(args) -> int:
+    from pipeline.retrain import retrain
+
+    retrain(args.config, args.model, budget_steps=args.budget_steps, overrides=args.overrides,
+            tracking_uri=args.tracking_uri, out=args.out, margin=args.margin, ray_address=args.ray_address,
+            quiet=args.quiet)
+    return 0  # promoted or kept: both are a successful retrain (the message says which)
+
+
+def cmd_study(args) -> int:
+    from pipeline.study import run_study
+
+    if args.parallel is not None and args.parallel < 1:
+        raise CliError(f"--parallel must be >= 1, got {args.parallel}")
+    run_study(args.study, out=args.out, tracking_uri=args.tracking_uri, parallel=args.parallel,
+              ray_address=args.ray_address)
+    return 0
+
+
+COMMANDS = {"prepare": cmd_prepare, "sample": cmd_sample, "train": cmd_train, "eval": cmd_eval,
+            "predict": cmd_predict, "retrain": cmd_retrain, "study": cmd_study}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,8 +32,16 @@ import ray
 import torch
 import yaml
 
-from pipeline.checkpoint import latest_checkpoint, load_checkpoint, load_latest
-from pipeline.components import build_model, build_sampler, example_input, fingerprint, image_shape, open_store
+from pipeline.checkpoint import latest_checkpoint, load_checkpoint, load_latest, save_checkpoint
+from pipeline.components import (
+    build_model,
+    build_sampler,
+    example_input,
+    fingerprint,
+    image_shape,
+    initial_params,
+    open_store,
+)
 from pipeline.config import Config, ConfigError, config_from_dict, load_config
 from pipeline.engine import Engine, EngineError, check_resources
 from pipeline.tracking import (
@@ -250,10 +258,35 @@ def _check_out_dir(out: Path, resuming: bool) -> None:
                        f"or choose a new --out")
 
 
+def write_warm_start(cfg: Config, checkpoint_dir: Path, params: dict, source: str) -> None:
+    """Start a new run from ``params`` (e.g. the champion's): a step-0 checkpoint with a fresh optimizer, which the
+    parameter server restores like any other. The parameters must fit this config's model exactly."""
+    from pipeline.parameter_server import ParameterServerCore
+
+    model = build_model(cfg, image_shape(cfg))
+    init = initial_params(cfg, model)
+    mismatch = sorted(k for k in init if k not in params or tuple(params[k].shape) != tuple(init[k].shape))
+    extra = sorted(set(params) - set(init))
+    if mismatch or extra:
+        raise RunError(f"warm start from {source}: its parameters do not fit this config's model (differs at "
+                       f"{(mismatch + extra)[:3]}); the config must describe the same architecture")
+    core = ParameterServerCore({k: params[k] for k in init}, cfg.optim, total_steps=cfg.train.steps,
+                               checkpoint_dir=None, checkpoint_every=cfg.train.checkpoint_every,
+                               fingerprint=fingerprint(cfg, model), config=cfg.to_dict())
+    core.set_extra(warm_start=source)
+    save_checkpoint(checkpoint_dir, core.state(), keep=cfg.train.keep_checkpoints)
+
+
 def train(config_path: str | None, overrides: list[str] = (), *, out: str | None = None,
           ray_address: str | None = None, resume: str | None = None, tracking_uri: str | None = None,
-          register: str | None = None, quiet: bool = False) -> TrainResult:
-    """Train one run end to end (see the module docstring); return where everything went."""
+          register: str | None = None, quiet: bool = False, warm_start: tuple[dict, str] | None = None,
+          tags: dict[str, str] | None = None, handle_signals: bool = True) -> TrainResult:
+    """Train one run end to end (see the module docstring); return where everything went.
+
+    ``warm_start``: (parameters, description) to start from instead of the seeded initialisation (retrain).
+    ``tags``: extra run tags (a study's cells set ``mlflow.parentRunId`` to nest under the study's run).
+    ``handle_signals``: SIGTERM ends the run as KILLED (off where the caller owns the process, e.g. a Ray task).
+    """
     if resume:
         out_dir, found_uri = _find_run_out(resume, tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or
                                            (f"sqlite:///{Path(out).resolve()}/mlflow.db" if out else None))
@@ -271,6 +304,8 @@ def train(config_path: str | None, overrides: list[str] = (), *, out: str | None
     uri = resolve_tracking_uri(tracking_uri or cfg.tracking.uri, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     check_tracking(uri)
+    if warm_start is not None and not resume:
+        write_warm_start(cfg, out_dir / "checkpoints", *warm_start)
     started_ray = init_ray(ray_address)
     try:
         check_resources(cfg)
@@ -283,11 +318,11 @@ def train(config_path: str | None, overrides: list[str] = (), *, out: str | None
                          artifact_root=default_artifact_root(out_dir), system_metrics=cfg.tracking.system_metrics,
                          spill_dir=out_dir / "mlflow-spill")
     engine = None
-    restore_sigterm = _sigterm_as_interrupt()
+    restore_sigterm = _sigterm_as_interrupt() if handle_signals else (lambda: None)
     try:
         tracker.start(flatten_config(cfg.to_dict()),
                       tags={OUT_TAG: str(out_dir.resolve()), "metatrain.algorithm": cfg.algorithm.name,
-                            "metatrain.config": str(config_path or "defaults")})
+                            "metatrain.config": str(config_path or "defaults"), **(tags or {})})
         with tracker:  # FINISHED on success, FAILED on an exception, KILLED on Ctrl-C
             (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             tracker.log_artifact(str(out_dir / "config.yaml"))
@@ -296,7 +331,8 @@ def train(config_path: str | None, overrides: list[str] = (), *, out: str | None
             start = engine.ps_status()["version"] + 1
             if resume:
                 print(f"metatrain: resuming run {resume} at step {start}", file=sys.stderr)
-            ray.get(engine.ps.set_extra.remote(run_id=tracker.run_id))
+            # The image shape goes into every checkpoint: predict can then rebuild the model without the store.
+            ray.get(engine.ps.set_extra.remote(run_id=tracker.run_id, image_shape=image_shape(cfg)))
             trainer = Trainer(cfg, engine, tracker, out_dir, quiet=quiet)
             try:
                 last = trainer.run(start)
@@ -358,7 +394,7 @@ def model_from_checkpoint(cfg: Config, state: dict) -> torch.nn.Module:
     return model
 
 
-def _checkpoint_of(run: str | None, model_uri: str | None, tracking_uri: str | None) -> tuple[dict, str]:
+def checkpoint_of(run: str | None, model_uri: str | None, tracking_uri: str | None) -> tuple[dict, str]:
     """(checkpoint state, description) of ``--run RUN_ID`` or ``--model models:/NAME@ALIAS`` (or /VERSION)."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -401,7 +437,7 @@ def evaluate(run: str | None = None, model_uri: str | None = None, *, tasks: int
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if model_uri and not uri:
         raise RunError("--model needs the registry: pass --tracking-uri or set MLFLOW_TRACKING_URI")
-    state, what = _checkpoint_of(run, model_uri, uri)
+    state, what = checkpoint_of(run, model_uri, uri)
     try:
         base = config_from_dict(state["config"])
     except ConfigError as e:

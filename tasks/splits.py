@@ -10,6 +10,9 @@ Names a sampler accepts:
   so that validation (model selection) uses held-out characters while ``evaluation`` stays untouched for the test.
 
 The shuffled schemes are defined for Omniglot only; other stores use their own partitions.
+
+Any of these may be narrowed to some alphabets with ``:A,B``: ``evaluation:Kannada,Sylheti`` is the evaluation
+characters of those two alphabets (task-distribution studies compare alphabets this way).
 Rotation augmentation (each class x {0, 90, 180, 270} degrees as four classes) is on by default for training splits
 (``background``, ``*/train``) and off for the rest.
 """
@@ -49,6 +52,16 @@ def _scheme_pool(store: TaskStore, scheme: str) -> np.ndarray | None:
 
 def resolve_split(store: TaskStore, name: str, split_seed: int = 0) -> np.ndarray:
     """The class ids (ascending) of split ``name``; EpisodeError naming the split if it does not exist."""
+    base, colon, wanted = name.partition(":")
+    if colon:
+        classes = resolve_split(store, base, split_seed)
+        alphabets = {a.strip() for a in wanted.split(",") if a.strip()}
+        of_class = np.array([store.class_names[c].split("/")[0] for c in classes])
+        unknown = sorted(alphabets - set(of_class))
+        if not alphabets or unknown:
+            raise EpisodeError(f"split {name!r}: unknown alphabet(s) {unknown or [wanted]} in {base!r}; it has "
+                               f"{', '.join(sorted(set(of_class)))}")
+        return classes[np.isin(of_class, sorted(alphabets))]
     if name in store.splits:
         return store.classes_of(name)
     scheme, _, part = name.partition("/")
@@ -73,4 +86,5 @@ def resolve_split(store: TaskStore, name: str, split_seed: int = 0) -> np.ndarra
 
 def is_training_split(name: str) -> bool:
     """Training splits get rotation augmentation by default."""
+    name = name.partition(":")[0]
     return name in TRAINING_SPLITS or name.endswith("/train")

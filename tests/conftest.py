@@ -99,3 +99,19 @@ def prototype_episode(slot: int, ways: int = 3, shots: int = 1, queries: int = 2
     noise = lambda n: 0.2 * torch.randn(n, 1, size, size, generator=g)  # noqa: E731
     return Episode(protos[sy] + noise(len(sy)), sy, protos[qy] + noise(len(qy)), qy, torch.arange(ways),
                    torch.zeros(ways, dtype=torch.long), (0, step, slot))
+
+
+@pytest.fixture(scope="module")
+def ray_module():
+    """A real local Ray for one test module (2 CPUs, no dashboard), shut down after it."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def no_env_tracking(monkeypatch):
+    """No $MLFLOW_TRACKING_URI from the caller's shell: each run uses the store its test names."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -7,25 +7,12 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline.driver import evaluate, train
 
-pytestmark = pytest.mark.data
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(autouse=True)
-def no_env_tracking(monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+pytestmark = [pytest.mark.data, pytest.mark.usefixtures("ray_module", "no_env_tracking")]
 
 
 SMALL = ["train.steps=4", "train.val_every=2", "train.val_tasks=8", "train.eval_tasks=12",

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import ray
 import torch
 import torch.nn.functional as F
 from conftest import prototype_episode
@@ -150,13 +149,6 @@ def test_bad_input_is_named():
 # ---- end to end -----------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.data
 @pytest.mark.parametrize("name, extra", [
     ("protonet", ["data.ways=10", "data.queries=3"]),  # trains 10-way, tests 5-way
@@ -164,7 +156,7 @@ def ray_local():
     ("relation", ["data.queries=3"]),
     ("siamese", ["data.queries=3"]),
 ])
-def test_each_learner_trains_through_metatrain_train_with_two_workers(ray_local, omniglot_store, tmp_path, name,
+def test_each_learner_trains_through_metatrain_train_with_two_workers(ray_module, omniglot_store, tmp_path, name,
                                                                       extra, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out = tmp_path / name

@@ -1,0 +1,161 @@
+"""Few-shot prediction on a user's own task: adapt a trained model to a labelled support set, label the queries.
+
+    metatrain predict --model models:/omniglot-fomaml@champion --support my_task/support --query my_task/query \\
+        [--json predictions.json] [--tracking-uri URI]
+    metatrain predict --run RUN_ID --support ... --query ...
+
+``--support`` holds one folder per class (the folder name is the class name) with a few images each; ``--query`` holds
+the images to label (searched recursively). Images are decoded and resized exactly as the training store's were
+(grayscale or RGB, antialiased resize to the model's size, ink-inverted when the store was: Omniglot's). The model
+adapts as its algorithm does: inner-loop learners take ``eval_inner_steps`` steps on the support set, metric learners
+embed it, the memory module writes it, MANN reads it as the start of its sequence. Each query gets its predicted class
+and a probability (softmax of the class scores; for relation networks the relation score, for Siamese networks the
+best pair's p(same), for the memory module the softmax of the best slot similarity per class).
+
+The checkpoint is loaded with ``torch.load(weights_only=True)`` (never the pickled MLflow model).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from pipeline.algorithms import get_algorithm
+from pipeline.components import build_model
+from pipeline.config import Config, config_from_dict
+from tasks.episode import Episode
+from tasks.errors import DataError, MetatrainError
+from tasks.sources import IMAGE_SUFFIXES, RawClass, decode_class
+from tasks.store import read_manifest
+
+INNER_LOOP = ("maml", "fomaml", "reptile", "metasgd", "anil")
+
+
+class PredictError(MetatrainError):
+    """The user's task cannot be run by this model (too many classes, no images, ...)."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    file: str
+    label: str
+    probability: float
+
+
+def _images(files: list[Path], root: Path, size: int, channels: int, invert: bool) -> torch.Tensor:
+    raw = RawClass("predict", "", root.name, tuple(str(f) for f in files), tuple(range(len(files))),
+                   tuple(f.read_bytes() for f in files))
+    return decode_class(raw, size, channels, invert).float().div_(255.0)
+
+
+def read_task(support: Path, query: Path, shape: tuple[int, int, int], invert: bool
+              ) -> tuple[list[str], torch.Tensor, torch.Tensor, list[str], torch.Tensor]:
+    """(class names, support images, support labels, query files, query images) as float tensors in [0, 1]."""
+    channels, size, _ = shape
+    if not support.is_dir():
+        raise DataError(f"--support {support} is not a folder (expected one sub-folder of images per class)")
+    if not query.is_dir():
+        raise DataError(f"--query {query} is not a folder of images")
+    class_dirs = sorted(p for p in support.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"--support {support} has no class folders (expected one sub-folder of images per class)")
+    names, xs, ys = [], [], []
+    for label, d in enumerate(class_dirs):
+        files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"class folder {d} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        names.append(d.name)
+        xs.append(_images(files, d, size, channels, invert))
+        ys += [label] * len(files)
+    qfiles = sorted(p for p in query.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not qfiles:
+        raise DataError(f"--query {query} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    qx = _images(qfiles, query, size, channels, invert)
+    return names, torch.cat(xs), torch.tensor(ys), [str(f.relative_to(query)) for f in qfiles], qx
+
+
+def store_inverts(cfg: Config) -> bool:
+    """Whether the training store holds ink-inverted pixels (its manifest says; else: Omniglot stores do)."""
+    try:
+        return str(read_manifest(Path(cfg.data.path)).get("pixels", "")).startswith("ink-high")
+    except (DataError, OSError, ValueError):
+        return cfg.data.dataset == "omniglot"
+
+
+def class_scores(cfg: Config, model, params: dict, episode: Episode) -> torch.Tensor:
+    """``(queries, ways)`` probabilities of each class for each query after adapting to the support set."""
+    name, algo = cfg.algorithm.name, get_algorithm(cfg.algorithm.name)
+    ways = int(episode.support_y.max()) + 1
+    if name in INNER_LOOP:
+        if ways != model.out_features:
+            raise PredictError(f"--support has {ways} classes but this {name} model's head has exactly "
+                               f"{model.out_features} ways (data.ways it was trained with)")
+        with torch.enable_grad():
+            adapted = algo.adapt(params, (episode.support_x, episode.support_y), cfg.algorithm, model,
+                                 steps=cfg.algorithm.eval_inner_steps)
+        logits = functional_call(model, {k: v for k, v in adapted.items() if not k.startswith("inner_lr.")},
+                                 (episode.query_x,))
+        return torch.softmax(logits.detach(), -1)
+    if name == "mann":
+        return _mann_scores(model, params, episode, ways)
+    if name == "memory":
+        keys = functional_call(model, params, (torch.cat([episode.support_x, episode.query_x]),))
+        n = episode.support_x.shape[0]
+        sims = keys[n:] @ keys[:n].T  # (queries, supports); best slot per class after the support writes
+        per_class = torch.full((sims.shape[0], ways), float("-inf"))
+        for c in range(ways):
+            per_class[:, c] = sims[:, episode.support_y == c].max(1).values
+        return torch.softmax(per_class * 10.0, -1)
+    _, scores = algo.scores(params, episode, cfg.algorithm, model)
+    if name == "relation":
+        return scores
+    if name == "siamese":
+        return torch.sigmoid(scores)
+    return torch.softmax(scores, -1)
+
+
+def _mann_scores(model, params: dict, episode: Episode, ways: int) -> torch.Tensor:
+    """MANN reads the support set (each image with the previous one's label), then one query: its last output."""
+    if ways > model.out_features:
+        raise PredictError(f"--support has {ways} classes; this model was trained on sequences of "
+                           f"{model.out_features} classes and cannot output more")
+    sx, sy, qx = episode.support_x, episode.support_y, episode.query_x
+    prev = torch.zeros(len(sy) + 1, model.out_features)
+    prev[1:] = F.one_hot(sy, model.out_features).float()
+    m = qx.shape[0]
+    x = torch.cat([sx.unsqueeze(0).expand(m, *sx.shape), qx.unsqueeze(1)], dim=1)  # (m, n+1, C, H, W)
+    logits = functional_call(model, params, (model.sequence_inputs(x, prev.unsqueeze(0).expand(m, -1, -1)),))
+    return torch.softmax(logits[:, -1, :ways], -1)
+
+
+def predict(state: dict, support: str | Path, query: str | Path, invert: bool | None = None
+            ) -> list[Prediction]:
+    """Predictions for every query image, from a checkpoint ``state`` (see module docstring)."""
+    cfg = config_from_dict(state["config"])
+    from pipeline.components import image_shape
+
+    try:
+        shape = image_shape(cfg)
+    except DataError:
+        shape = None
+    if shape is None:  # the store is not on this machine: the checkpoint's model says what it takes
+        shape = tuple(state.get("extra", {}).get("image_shape") or (1, 28, 28))
+    model = build_model(cfg, shape)
+    params = {k: v.float() for k, v in state["params"].items()}
+    names, sx, sy, qfiles, qx = read_task(Path(support), Path(query), shape,
+                                          store_inverts(cfg) if invert is None else invert)
+    episode = Episode(sx, sy, qx, torch.zeros(len(qfiles), dtype=torch.long), torch.arange(len(names)),
+                      torch.zeros(len(names), dtype=torch.long), (0, 0, 0))
+    with torch.no_grad():
+        probs = class_scores(cfg, model, params, episode)
+    best = probs.argmax(-1)
+    return [Prediction(f, names[int(b)], float(probs[i, b])) for i, (f, b) in enumerate(zip(qfiles, best))]
+
+
+def write_predictions(predictions: list[Prediction], path: str | Path) -> None:
+    Path(path).write_text(json.dumps([p.__dict__ for p in predictions], indent=2) + "\n")

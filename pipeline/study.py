@@ -1,0 +1,299 @@
+"""Task-distribution studies: one training run per cell of a grid, nested under one MLflow run, results in Parquet.
+
+    metatrain study studies/omniglot_shots_ways.yaml [--out runs/studies/NAME] [--tracking-uri URI] [--parallel N]
+
+A study file names a base config (or a template with ``{algorithm}``), overrides for every cell, and a ``grid``
+(cartesian product) or a ``cells`` list over these axes:
+
+    algorithm         the config template's {algorithm} (configs/omniglot_{algorithm}_5w1s.yaml by default)
+    ways, shots, queries, rotations (on/off/auto), train_split, test_split (alphabet subsets: evaluation:A,B),
+    inner_steps, eval_inner_steps
+
+``ways`` is the test width: data.ways and data.eval_ways, except for ProtoNets, which keep their wider training
+episodes (data.eval_ways only). Each cell is ``metatrain train`` with its overrides, tagged as a child of the study's
+run (``mlflow.parentRunId``); cells run in parallel as Ray tasks (``--parallel``, default: as many as the cluster's
+CPUs hold whole cells, each cell's workers in its own placement group, so cells never share a worker's CPU), or one
+after another in this process with ``--parallel 1``. Per-task results of every cell go into one Parquet dataset
+partitioned by cell (``OUT/results/cell=<id>/part-0.parquet``, with the cell's axis values as columns; read it with
+pandas, pyarrow.dataset or DuckDB). A summary (mean accuracy ± 95% CI per cell) is printed and logged with plots of
+accuracy against shots and against ways. Re-running a study skips the cells whose results exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from tasks.errors import MetatrainError
+
+AXES = ("algorithm", "ways", "shots", "queries", "rotations", "train_split", "test_split", "inner_steps",
+        "eval_inner_steps")
+FIELDS = {"shots": "data.shots", "queries": "data.queries", "rotations": "data.rotations",
+          "train_split": "data.train_split", "test_split": "data.test_split",
+          "inner_steps": "algorithm.inner_steps", "eval_inner_steps": "algorithm.eval_inner_steps"}
+KEYS = ("name", "config", "config_template", "set", "grid", "cells", "parallel")
+
+
+class StudyError(MetatrainError):
+    """A study file is invalid (the message names the key or axis)."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    values: dict
+    """Axis -> value for this cell."""
+    config: str
+    overrides: tuple[str, ...]
+
+    @property
+    def id(self) -> str:
+        text = json.dumps({"config": self.config, "overrides": list(self.overrides)}, sort_keys=True)
+        readable = "-".join(f"{k}{v}" for k, v in sorted(self.values.items()))[:60].replace("/", "_").replace(":", "_")
+        return f"{readable}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    cells: tuple[Cell, ...]
+    parallel: int | None
+    path: Path
+
+
+def _err(path: Path, msg: str) -> StudyError:
+    return StudyError(f"study file {path}: {msg}")
+
+
+def load_study(path: str | Path) -> Study:
+    """Parse and check a study file; every cell's config is loaded (and so validated) before anything runs."""
+    from pipeline.config import load_config
+
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(f"study file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        raise _err(path, "is not valid YAML") from None
+    if not isinstance(data, dict):
+        raise _err(path, "must be a mapping")
+    for key in data:
+        if key not in KEYS:
+            raise _err(path, f"unknown key {key!r} (known: {', '.join(KEYS)})")
+    name = str(data.get("name") or path.stem)
+    if ("grid" in data) == ("cells" in data):
+        raise _err(path, "give exactly one of 'grid' (axes -> lists of values) or 'cells' (a list of mappings)")
+    if "grid" in data:
+        grid = data["grid"]
+        if not isinstance(grid, dict) or not grid or any(not isinstance(v, list) or not v for v in grid.values()):
+            raise _err(path, "grid must map each axis to a non-empty list of values")
+        axes = list(grid)
+        combos = [dict(zip(axes, vals)) for vals in itertools.product(*(grid[a] for a in axes))]
+    else:
+        combos = data["cells"]
+        if not isinstance(combos, list) or not combos or not all(isinstance(c, dict) and c for c in combos):
+            raise _err(path, "cells must be a non-empty list of non-empty mappings")
+    for combo in combos:
+        for axis in combo:
+            if axis not in AXES:
+                import difflib
+
+                close = difflib.get_close_matches(str(axis), AXES, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise _err(path, f"unknown axis {axis!r}{hint}; axes: {', '.join(AXES)}")
+    common = data.get("set") or []
+    if not isinstance(common, list) or not all(isinstance(x, str) for x in common):
+        raise _err(path, "set must be a list of 'section.field=value' strings")
+    template = data.get("config_template", "configs/omniglot_{algorithm}_5w1s.yaml")
+    parallel = data.get("parallel")
+    if parallel is not None and (not isinstance(parallel, int) or parallel < 1):
+        raise _err(path, f"parallel must be an integer >= 1, got {parallel!r}")
+    cells = []
+    for combo in combos:
+        if "algorithm" in combo:
+            config = template.format(algorithm=combo["algorithm"])
+        elif "config" in data:
+            config = str(data["config"])
+        else:
+            raise _err(path, "no config: give 'config', or an 'algorithm' axis with 'config_template'")
+        if not Path(config).is_file():
+            raise _err(path, f"config {config} (cell {combo}) does not exist")
+        overrides = list(common)
+        for axis, value in combo.items():
+            if axis == "ways":
+                algo = load_config(config, overrides).algorithm.name
+                overrides += [f"data.eval_ways={value}"] if algo == "protonet" else [f"data.ways={value}",
+                                                                                     f"data.eval_ways={value}"]
+            elif axis != "algorithm":
+                overrides.append(f"{FIELDS[axis]}={value}")
+        try:
+            load_config(config, overrides)
+        except MetatrainError as e:
+            raise _err(path, f"cell {combo}: {e}") from None
+        cells.append(Cell(dict(combo), config, tuple(overrides)))
+    return Study(name, tuple(cells), parallel, path)
+
+
+def _cell_done(out: Path, cell: Cell) -> bool:
+    return (out / "results" / f"cell={cell.id}" / "part-0.parquet").is_file() and \
+        (out / "cells" / cell.id / "eval.json").is_file()
+
+
+def _record(out: Path, cell: Cell) -> None:
+    """Copy the cell's per-task results into the study's dataset, with its axis values as columns (atomic)."""
+    table = pq.read_table(out / "cells" / cell.id / "eval_tasks.parquet")
+    for axis, value in sorted(cell.values.items()):
+        table = table.append_column(axis, pa.array([str(value)] * table.num_rows))
+    part = out / "results" / f"cell={cell.id}"
+    part.mkdir(parents=True, exist_ok=True)
+    tmp = part / ".part-0.parquet.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, part / "part-0.parquet")
+
+
+def _run_cell(cell: Cell, out: str, uri: str, parent: str, study: str, in_ray_task: bool) -> str:
+    from pipeline.driver import train
+
+    result = train(cell.config, list(cell.overrides), out=str(Path(out) / "cells" / cell.id), tracking_uri=uri,
+                   quiet=True, handle_signals=not in_ray_task,
+                   tags={"mlflow.parentRunId": parent, "metatrain.study": study, "metatrain.cell": cell.id,
+                         **{f"metatrain.axis.{k}": str(v) for k, v in cell.values.items()}})
+    return result.run_id
+
+
+def summary_rows(out: Path, study: Study) -> list[dict]:
+    rows = []
+    for cell in study.cells:
+        s = json.loads((out / "cells" / cell.id / "eval.json").read_text())
+        rows.append({"cell": cell.id, **{a: cell.values.get(a, "") for a in AXES if any(a in c.values
+                                                                                         for c in study.cells)},
+                     "accuracy": s.get("accuracy", float("nan")), "ci95": s.get("ci95", float("nan")),
+                     "tasks": s["tasks"]})
+    return rows
+
+
+def summary_table(rows: list[dict]) -> str:
+    axes = [k for k in rows[0] if k not in ("cell", "accuracy", "ci95", "tasks")]
+    lines = ["| " + " | ".join(axes) + " | accuracy | tasks |", "|" + "---|" * len(axes) + "---:|---:|"]
+    for r in rows:
+        lines.append("| " + " | ".join(str(r[a]) for a in axes) +
+                     f" | {100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f}% | {r['tasks']} |")
+    return "\n".join(lines)
+
+
+def plots(rows: list[dict]) -> dict:
+    """{"accuracy_vs_shots.png": fig, "accuracy_vs_ways.png": fig} for the axes the study varies."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs = {}
+    for x in ("shots", "ways"):
+        if len({r.get(x) for r in rows}) < 2:
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        series: dict[str, list] = {}
+        for r in rows:
+            label = " ".join(f"{k}={r[k]}" for k in ("algorithm", "ways", "shots") if k in r and k != x and r[k] != "")
+            series.setdefault(label or "all", []).append((float(r[x]), 100 * r["accuracy"], 100 * r["ci95"]))
+        for label, pts in sorted(series.items()):
+            pts.sort()
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
+                        label=label)
+        ax.set_xlabel(x)
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        figs[f"accuracy_vs_{x}.png"] = fig
+    return figs
+
+
+def run_study(path: str | Path, *, out: str | None = None, tracking_uri: str | None = None,
+              parallel: int | None = None, ray_address: str | None = None) -> list[dict]:
+    """Run every unfinished cell of a study, then write and log the summary; returns the summary rows."""
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.driver import init_ray
+    from pipeline.tracking import check_tracking, resolve_tracking_uri
+
+    study = load_study(path)
+    out_dir = Path(out) if out else Path("runs") / "studies" / study.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    uri = resolve_tracking_uri(tracking_uri, out_dir)
+    check_tracking(uri)
+    client = MlflowClient(tracking_uri=uri)
+    state_file = out_dir / "study.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    if state.get("parent_run_id"):
+        parent = state["parent_run_id"]
+        client.update_run(parent, status="RUNNING")
+    else:
+        exp = client.get_experiment_by_name(f"study-{study.name}")
+        exp_id = exp.experiment_id if exp else client.create_experiment(
+            f"study-{study.name}", artifact_location=str(out_dir.resolve() / "mlartifacts"))
+        parent = client.create_run(exp_id, run_name=study.name, tags={"metatrain.study": study.name,
+                                                                       "metatrain.study_file": str(study.path)}
+                                   ).info.run_id
+        state_file.write_text(json.dumps({"parent_run_id": parent, "tracking_uri": uri}) + "\n")
+    todo = [c for c in study.cells if not _cell_done(out_dir, c)]
+    skipped = len(study.cells) - len(todo)
+    if skipped:
+        print(f"metatrain: study {study.name}: {skipped} of {len(study.cells)} cells already done, skipping them")
+    started_ray = init_ray(ray_address)
+    try:
+        from pipeline.config import load_config
+
+        cpus = ray.cluster_resources().get("CPU", 1)
+        per_cell = max(c.workers.count * c.workers.cpus for c in (load_config(x.config, x.overrides) for x in todo)) \
+            if todo else 1
+        width = parallel or study.parallel or max(1, int(cpus // max(per_cell, 1)))
+        if width == 1:
+            for cell in todo:
+                print(f"metatrain: study {study.name}: cell {cell.id}", flush=True)
+                _run_cell(cell, str(out_dir), uri, parent, study.name, False)
+                _record(out_dir, cell)
+        else:
+            remote = ray.remote(num_cpus=0)(_run_cell)
+            pending, queue = {}, list(todo)
+            while queue or pending:
+                while queue and len(pending) < width:
+                    cell = queue.pop(0)
+                    pending[remote.remote(cell, str(out_dir), uri, parent, study.name, True)] = cell
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                cell = pending.pop(ready[0])
+                ray.get(ready[0])  # a failed cell raises here; the others' results are already recorded
+                _record(out_dir, cell)
+        rows = summary_rows(out_dir, study)
+        table = summary_table(rows)
+        print(table)
+        (out_dir / "summary.md").write_text(table + "\n")
+        client.log_artifact(parent, str(out_dir / "summary.md"))
+        for name, fig in plots(rows).items():
+            fig.savefig(out_dir / name, dpi=100)
+            client.log_artifact(parent, str(out_dir / name))
+        for r in rows:
+            client.log_metric(parent, f"cell.{r['cell'][:200]}.accuracy", r["accuracy"])
+        client.set_terminated(parent, "FINISHED")
+        print(f"study {study.name}: {len(rows)} cells; per-task results in {out_dir / 'results'} "
+              f"(partitioned by cell); summary {out_dir / 'summary.md'}")
+        return rows
+    except BaseException:
+        client.set_terminated(parent, "FAILED")
+        raise
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+__all__ = ["AXES", "Cell", "Study", "StudyError", "load_study", "run_study", "summary_table"]
