@@ -60,7 +60,7 @@ def test_overrides():
     (["train..steps=3"], "invalid --set 'train..steps=3'"),
     (["train.steps.x=1"], "train.steps must be int, got {'x': 1}"),
     (["train=5"], "train must be a mapping, got int"),
-    (["model.name=mlp"], "model.name must be 'conv4' for image data"),
+    (["model.name=mlp"], "model.name must be 'conv4' for algorithm.name=maml on image data"),
     (["data.dataset=sinusoid"], "model.name must be 'mlp' for data.dataset=sinusoid"),
     (["algorithm.reptile_adam_betas=[0.9]"], "algorithm.reptile_adam_betas must be a list of 2 values"),
 ])

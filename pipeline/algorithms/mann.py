@@ -51,7 +51,8 @@ def _check(model: nn.Module, episode: SequenceEpisode) -> None:
                                 f"{episode.prev_label.shape[-1]} classes do not fit the model's {classes} outputs")
 
 
-def _forward(params: Params, episode: SequenceEpisode, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, ...]:
+def _forward(params: Params, episode: SequenceEpisode, model: nn.Module
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logits ``(B, T, classes)``, labels ``(B, T)``, instance ``(B, T)``) for one or a stack of episodes."""
     _check(model, episode)
     x, prev, y, inst = episode.x, episode.prev_label, episode.y, episode.instance
