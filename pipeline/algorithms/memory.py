@@ -23,7 +23,7 @@ from torch.func import functional_call
 
 from models.memory_module import Memory
 from pipeline.algorithms.config import AlgorithmConfig
-from pipeline.algorithms.embedding import unstack
+from pipeline.algorithms.embedding import _Where, unstack
 from pipeline.algorithms.errors import AlgorithmConfigError, TaskMismatchError
 from pipeline.algorithms.inner_loop import Key, Metrics, Params, check_finite, leaves
 from tasks.episode import Episode
@@ -106,8 +106,3 @@ def evaluate(params: Params, episode: Episode, cfg: AlgorithmConfig, model: nn.M
             for k, v in (("query_loss", float(loss.mean())), ("query_acc", float((pred == ep.query_y).float().mean()))):
                 sums[k] = sums.get(k, 0.0) + v / len(episodes)
     return sums
-
-
-class _Where:
-    def __init__(self, key: Key):
-        self.keys, self.batched = (tuple(key),), False
