@@ -5,7 +5,7 @@ without Ray).
   once per version, so N workers read one copy instead of the actor serialising the weights N times.
   ``apply_gradients(step, metas, *grads)`` receives the workers' gradient refs as top-level arguments: Ray hands
   them over straight from the workers' object stores, and the driver never touches a gradient.
-- ``TaskWorker``: ``compute(step, version, weights, blocks)`` returns two objects (``num_returns=2``): the small
+- ``TaskWorker``: ``compute(step, version, weights, blocks, tree)`` returns two objects (``num_returns=2``): the small
   ``meta`` the driver waits on and the gradient dict it forwards by reference.
 
 Both are created with restarts enabled by ``pipeline/engine.py``; the parameter server restores its newest
@@ -67,8 +67,8 @@ class TaskWorker:
         self.core = TaskWorkerCore(config_from_dict(config), worker_id)
 
     @ray.method(num_returns=2)
-    def compute(self, step: int, version: int, weights: dict, blocks: list[list[int]]):
-        return self.core.compute(step, version, weights, blocks)
+    def compute(self, step: int, version: int, weights: dict, blocks: list[list[int]], tree=None):
+        return self.core.compute(step, version, weights, blocks, tree)
 
     def evaluate(self, weights: dict, split: str, step: int, slots: list[int]) -> list[dict]:
         return self.core.evaluate(weights, split, step, slots)

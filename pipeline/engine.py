@@ -52,6 +52,24 @@ def split_slots(slots, parts: int) -> list[list[int]]:
     return [c.tolist() for c in np.array_split(arr, min(parts, len(arr))) if len(c)]
 
 
+def proportional_counts(n: int, speeds: list[float]) -> list[int]:
+    """``n`` items cut in proportion to ``speeds`` (largest remainders; each part >= 1 while n allows).
+
+    A sync step waits for its slowest worker, so unequal cores (a busy neighbour on a shared host, mixed GPUs)
+    should get unequal shares: each part's expected time is then about the same.
+    """
+    k = min(len(speeds), n)
+    speeds = [max(float(s), 1e-9) for s in speeds[:k]]
+    ideal = [n * s / sum(speeds) for s in speeds]
+    counts = [max(1, int(x)) for x in ideal]
+    while sum(counts) > n:  # the max(1, .) floors can overshoot
+        i = max((i for i in range(k) if counts[i] > 1), key=lambda i: counts[i] - ideal[i])
+        counts[i] -= 1
+    for i in sorted(range(k), key=lambda i: ideal[i] - counts[i], reverse=True)[:n - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
 @dataclass
 class WorkerState:
     handle: ray.actor.ActorHandle
@@ -90,6 +108,7 @@ class Engine:
         self.cfg = cfg
         self.log = log
         self.faults = FaultLog()
+        self.speeds: dict[int, float] = {}  # worker index -> tasks/s of its last compute calls (moving average)
         w = cfg.workers
         check_resources(cfg)
         bundle = {"CPU": w.cpus} | ({"GPU": w.gpus} if w.gpus else {})
@@ -253,14 +272,32 @@ class Engine:
     def compute(self, step: int, version: int, weights_ref, slots) -> list[tuple[dict, object]]:
         """(meta, grads ref) per worker job for training step ``step`` on weights ``version``.
 
-        The slots are cut into ``train.grad_blocks`` fixed blocks (0: one per slot) and whole blocks are spread over
-        the live workers, so the partial sums the parameter server adds never depend on the worker count.
+        The slots are cut into ``train.grad_blocks`` fixed blocks (0: one per slot), the leaves of the step's
+        reduction tree (``pipeline.gradient_tree``); each live worker gets a contiguous run of leaves and sends the
+        sums of the tree nodes inside it, so the parameter server's sum never depends on the worker count, nor on
+        the split: with ``workers.balance = "speed"`` the runs are sized by each worker's measured tasks/s.
         """
         slots = list(slots)
         blocks = split_slots(slots, self.cfg.train.grad_blocks or len(slots))
-        jobs = [[blocks[i] for i in idx] for idx in split_slots(range(len(blocks)), len(self.alive()))]
-        done = self.dispatch(jobs, lambda h, job: h.compute.remote(step, version, weights_ref, job),
-                             size=lambda job: sum(map(len, job)))
+        n = len(blocks)
+        live = self.alive()
+        if self.cfg.workers.balance == "speed" and len(self.speeds) > 0:
+            # Unmeasured workers are assumed as fast as the mean of the measured ones.
+            mean = sum(self.speeds.values()) / len(self.speeds)
+            counts = proportional_counts(n, [self.speeds.get(ws.index, mean) for ws in live])
+        else:
+            counts = [len(c) for c in split_slots(range(n), len(live))]
+        starts = np.cumsum([0, *counts[:-1]]).tolist()
+        # dispatch hands job i to live worker i first, so the i-th share goes to the worker it was sized for.
+        jobs = [(lo, blocks[lo:lo + c]) for lo, c in zip(starts, counts)]
+        done = self.dispatch(jobs, lambda h, job: h.compute.remote(step, version, weights_ref, job[1], (job[0], n)),
+                             size=lambda job: sum(map(len, job[1])))
+        for _, meta, _ in done:
+            busy = meta["compute_s"] + meta["sample_s"]
+            if busy > 0:
+                rate = meta["n_tasks"] / busy
+                old = self.speeds.get(meta["worker"])
+                self.speeds[meta["worker"]] = rate if old is None else 0.7 * old + 0.3 * rate
         return [(meta, others[0]) for _, meta, others in done]
 
     def evaluate(self, weights_ref, split: str, step: int, n_tasks: int) -> list[dict]:

@@ -1,11 +1,12 @@
 """The parameter server's logic, free of Ray: meta-parameters, the outer optimizer, validation, checkpoints.
 
 ``ParameterServerCore`` owns the meta-parameters (model weights plus any learned inner-loop rates), the outer
-optimizer and a version counter (= applied steps). Workers send *contributions*: for each block of slots they
-computed, the sum of those tasks' meta-gradients, plus how many tasks went in. ``apply_gradients(step, metas, grads)``
-checks each contribution (same keys and shapes as the parameters, finite, computed on recent-enough weights), adds
-the accepted blocks in slot order (the same additions in the same order however the blocks were spread over
-workers), divides by the task count, and takes exactly one optimizer step. A step id at or below the last applied
+optimizer and a version counter (= applied steps). Workers send *contributions*: sums of their tasks'
+meta-gradients, one per node of the step's fixed reduction tree over its blocks of slots (``pipeline.gradient_tree``;
+or one per block), plus how many tasks went in. ``apply_gradients(step, metas, grads)`` checks each contribution
+(same keys and shapes as the parameters, finite, computed on recent-enough weights, no block sent twice), finishes
+the tree (the same additions in the same order however the blocks were spread over workers), divides by the task
+count, and takes exactly one optimizer step. A step id at or below the last applied
 one is refused, so a call retried after a timeout or a driver restart never applies twice. Every
 ``checkpoint_every`` steps it checkpoints itself atomically, and its constructor restores the newest checkpoint: a
 parameter server restarted by Ray resumes where it stopped.
@@ -17,7 +18,8 @@ The Ray actor in ``pipeline/actors.py`` is a thin shell around this class; tests
     version, weights = core.get_weights()
     meta = {"worker": 0, "step": 1, "version": 0, "blocks": [[0, 1], [2, 3]], "n_tasks": 4}
     result = core.apply_gradients(1, [meta], [[grads_of_slots_0_1, grads_of_slots_2_3]])
-    # or packed, as TaskWorkerCore.compute sends it: {name: tensor of shape (2, *param.shape)}
+    # or packed tree nodes, as TaskWorkerCore.compute sends them: meta["tree"] = {"leaves": 2, "nodes": [[0, 2]]}
+    # and {name: tensor of shape (1, *param.shape)}
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 
 from pipeline.checkpoint import capture_rng, load_latest, restore_rng, save_checkpoint, save_named
 from pipeline.config import OptimConfig
+from pipeline.gradient_tree import combine, is_node, leaves_of
 
 Params = dict[str, torch.Tensor]
 
@@ -121,26 +124,45 @@ class ParameterServerCore:
                 return f"{name} has non-finite values"
         return None
 
-    def _check(self, meta: dict, blocks) -> str | None:
-        """Why a contribution (block sums described by ``meta``, list or packed form) is unusable, or None."""
+    def _check(self, meta: dict, grads) -> str | None:
+        """Why a contribution (gradient sums described by ``meta``, list or packed form) is unusable, or None.
+
+        Two forms. Leaf form: one gradient per entry of ``meta['blocks']`` (the sum of that block's tasks). Tree
+        form (what ``TaskWorkerCore.compute`` sends): ``meta['tree'] = {'leaves': n, 'nodes': [[start, size], ...]}``
+        and one gradient per node of the step's reduction tree (``pipeline.gradient_tree``), the nodes covering
+        exactly the contribution's blocks.
+        """
         slots = meta.get("blocks")
         if not isinstance(slots, list) or not slots or not all(slots):
             return "meta['blocks'] must list the slots of each gradient block"
         n = meta.get("n_tasks")
         if not isinstance(n, int) or n < 1 or n != sum(len(b) for b in slots):
             return f"n_tasks must be the positive number of slots in its blocks, got {n!r}"
-        if isinstance(blocks, dict):
-            # Packed: one tensor per parameter holding every block along dim 0. Checked as a whole (one finiteness
-            # test per parameter, not per block), which is what keeps the apply cheap with many blocks.
-            first = next(iter(blocks.values()), None)
-            if not isinstance(first, torch.Tensor) or first.dim() == 0 or first.shape[0] != len(slots):
-                return f"packed gradients need {len(slots)} blocks along dim 0 (one per entry of meta['blocks'])"
-            return self._check_block(blocks, leading=(len(slots),))
-        if not isinstance(blocks, (list, tuple)) or not blocks:
-            return f"expected a non-empty list of gradient blocks, got {type(blocks).__name__}"
-        if len(slots) != len(blocks):
-            return "meta['blocks'] must list the slots of each gradient block"
-        for b in blocks:
+        entries = len(slots)
+        tree = meta.get("tree")
+        if tree is not None:
+            leaves, nodes = (tree.get("leaves"), tree.get("nodes")) if isinstance(tree, dict) else (None, None)
+            if not isinstance(leaves, int) or leaves < 1 or not isinstance(nodes, list) or not nodes or \
+                    not all(is_node(node, leaves) for node in nodes):
+                return f"meta['tree'] must give 'leaves' (>= 1) and the tree's 'nodes' as [start, size], got {tree!r}"
+            covered = [i for node in nodes for i in leaves_of(tuple(node), leaves)]
+            if len(covered) != len(slots) or covered != list(range(covered[0], covered[0] + len(covered))):
+                return f"meta['tree'] nodes cover leaves {covered[:4]}..., not the {len(slots)} contiguous blocks sent"
+            entries = len(nodes)
+        if isinstance(grads, dict):
+            # Packed: one tensor per parameter holding every entry along dim 0. Checked as a whole (one finiteness
+            # test per parameter, not per entry), which is what keeps the apply cheap.
+            first = next(iter(grads.values()), None)
+            if not isinstance(first, torch.Tensor) or first.dim() == 0 or first.shape[0] != entries:
+                what = "tree nodes" if tree is not None else "blocks"
+                return f"packed gradients need {entries} {what} along dim 0 (one per entry of meta)"
+            return self._check_block(grads, leading=(entries,))
+        if not isinstance(grads, (list, tuple)) or not grads:
+            return f"expected a non-empty list of gradient blocks, got {type(grads).__name__}"
+        if entries != len(grads):
+            return "meta['blocks'] must list the slots of each gradient block" if tree is None else \
+                f"{len(grads)} gradients for {entries} tree nodes"
+        for b in grads:
             why = self._check_block(b)
             if why is not None:
                 return why
@@ -148,11 +170,30 @@ class ParameterServerCore:
 
     @staticmethod
     def _unpack(blocks) -> list[Params]:
-        """A contribution's blocks as a list of dicts (views into a packed contribution; no copy)."""
+        """A contribution's entries as a list of dicts (views into a packed contribution; no copy)."""
         if isinstance(blocks, dict):
             count = next(iter(blocks.values())).shape[0]
             return [{k: v[i] for k, v in blocks.items()} for i in range(count)]
         return list(blocks)
+
+    @staticmethod
+    def _tree_of(accepted: list[tuple[dict, object]]) -> tuple[dict, int] | str:
+        """The step's reduction-tree nodes {(start, size): grads} and leaf count, or why they do not fit together.
+
+        Leaf-form contributions become leaves ranked by their first slot; tree-form ones bring their own nodes.
+        """
+        trees = [m.get("tree") is not None for m, _ in accepted]
+        if all(trees):
+            n = accepted[0][0]["tree"]["leaves"]
+            if any(m["tree"]["leaves"] != n for m, _ in accepted):
+                return "contributions disagree on the step's number of gradient blocks"
+            return {tuple(node): g for m, gs in accepted
+                    for node, g in zip(m["tree"]["nodes"], ParameterServerCore._unpack(gs))}, n
+        if any(trees):
+            return "a step's contributions must all be tree-form or all leaf-form"
+        leaves = sorted(((meta["blocks"][i][0], g) for meta, gs in accepted
+                         for i, g in enumerate(ParameterServerCore._unpack(gs))), key=lambda item: item[0])
+        return {(i, 1): g for i, (_, g) in enumerate(leaves)}, len(leaves)
 
     def apply_gradients(self, step: int, metas: list[dict], grads: list[list[Params] | Params]) -> dict:
         """Validate, average (weighted by task count) and apply one optimizer step as ``step``; see module docstring.
@@ -191,22 +232,44 @@ class ParameterServerCore:
             out.update(reason="no usable contribution", version=self.version, counters=dict(self.counters))
             return out
 
-        # Mean over tasks: every block is a sum over its tasks, so add the blocks and divide once. The blocks are
-        # added in slot order, whichever worker sent them and whenever it arrived: a sync step's gradient is then
-        # the same float32 sum for 1 or 16 workers (Adam would otherwise amplify the rounding differences in
-        # gradients that are ~0, such as a conv bias followed by batch norm).
-        blocks = sorted(((meta["blocks"][i][0], g) for meta, gs in accepted
-                         for i, g in enumerate(self._unpack(gs))), key=lambda item: item[0])
+        # Contributions that claim a block another one already covered (a recomputed slot, a buggy worker) are
+        # refused rather than counted twice.
+        seen: dict[int, int] = {}
+        kept = []
+        for (meta, g), staleness in zip(accepted, list(out["staleness"])):
+            tree = meta.get("tree")
+            leaves = [i for node in tree["nodes"] for i in leaves_of(tuple(node), tree["leaves"])] if tree else \
+                [b[0] for b in meta["blocks"]]
+            clash = next((i for i in leaves if i in seen), None)
+            if clash is not None:
+                why = f"block {clash} was already sent by worker {seen[clash]}"
+                out["rejected"].append(str(Rejection(meta.get("worker", -1), step, why)))
+                self.counters["rejected"] += 1
+                out["staleness"].remove(staleness)
+                continue
+            seen.update((i, meta.get("worker", -1)) for i in leaves)
+            kept.append((meta, g))
+        accepted = kept
+        tree = self._tree_of(accepted)
+        if isinstance(tree, str):
+            out["rejected"].append(str(Rejection(-1, step, tree)))
+            self.counters["rejected"] += 1
+            out.update(reason=tree, version=self.version, counters=dict(self.counters))
+            return out
+        # Mean over tasks: every node is a sum over its tasks, so finish the step's fixed reduction tree and divide
+        # once. The tree, not the arrival order or the split over workers, fixes every float32 addition: a sync
+        # step's gradient is then the same for 1 or 16 workers (Adam would otherwise amplify the rounding
+        # differences in gradients that are ~0, such as a conv bias followed by batch norm).
+        nodes, n_leaves = tree
+        summed = combine({k: {name: g[name].to(torch.float32) for name in self.params} for k, g in nodes.items()},
+                         n_leaves)
         tasks = sum(m["n_tasks"] for m, _ in accepted)
         lr = learning_rate(self.optim_cfg, step, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         with torch.no_grad():
             for name, p in self.params.items():
-                total = blocks[0][1][name].to(torch.float32).clone()
-                for _, g in blocks[1:]:
-                    total += g[name].to(torch.float32)
-                p.grad = total.div_(tasks)
+                p.grad = summed[name].clone().div_(tasks)
         norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()),
                                               self.optim_cfg.grad_clip if self.optim_cfg.grad_clip else math.inf)
         self.optimizer.step()

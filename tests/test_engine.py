@@ -14,7 +14,7 @@ import ray
 import torch
 
 from pipeline.config import load_config
-from pipeline.engine import Engine, split_slots
+from pipeline.engine import Engine, proportional_counts, split_slots
 from pipeline.trainer import Trainer
 
 pytestmark = pytest.mark.data
@@ -85,8 +85,40 @@ def test_one_and_two_workers_give_the_same_parameters(clean, omniglot_store, tmp
     one = run(tiny(omniglot_store, "workers.count=1"), tmp_path, "one")
     assert one[1] == STEPS
     assert_same(one[2], weights)
+    # The reduction tree makes it exact, not merely close: every float32 addition is the same.
+    assert all(torch.equal(one[2][k], weights[k]) for k in weights)
     initial = run(tiny(omniglot_store, "workers.count=1", "train.steps=1"), tmp_path, "init")[2]
     assert not torch.allclose(initial["head.weight"], weights["head.weight"])  # training moved the weights
+
+
+def test_proportional_counts_follow_the_speeds():
+    assert proportional_counts(32, [1.0, 1.0]) == [16, 16]
+    assert proportional_counts(32, [14.7, 12.5]) == [17, 15]
+    assert proportional_counts(10, [3.0, 1.0, 1.0]) == [6, 2, 2]
+    assert proportional_counts(5, [100.0, 1.0, 1.0]) == [3, 1, 1]  # nobody gets nothing while there is enough
+    assert proportional_counts(3, [1.0] * 4) == [1, 1, 1]
+
+
+def test_an_uneven_split_by_speed_gives_the_same_parameters_bit_for_bit(clean, omniglot_store, tmp_path):
+    """workers.balance=speed: a worker measured 3x faster gets 3 of the 4 tasks; the parameters do not change."""
+    splits = []
+
+    def skew(engine, trainer):
+        original = engine.compute
+
+        def compute(*args, **kw):
+            engine.speeds = {0: 3.0, 1: 1.0}  # as if worker 0 had measured 3x faster
+            out = original(*args, **kw)
+            splits.append([m["n_tasks"] for m, _ in out])
+            return out
+
+        engine.compute = compute
+
+    last, version, weights, faults, _ = run(tiny(omniglot_store, "workers.count=2", "workers.balance=speed"),
+                                            tmp_path, "skew", skew)
+    assert last == version == STEPS and faults.worker_failures == 0
+    assert splits == [[3, 1]] * STEPS
+    assert all(torch.equal(weights[k], clean[2][k]) for k in weights)
 
 
 def test_a_killed_worker_is_recomputed_and_the_result_unchanged(clean, omniglot_store, tmp_path):
@@ -97,7 +129,7 @@ def test_a_killed_worker_is_recomputed_and_the_result_unchanged(clean, omniglot_
         def dispatch(jobs, call, **kw):
             def call_and_kill(handle, job):
                 refs = call(handle, job)
-                if handle is engine.workers[0].handle and job == [[0], [1]] and not state["killed"]:
+                if handle is engine.workers[0].handle and job[1] == [[0], [1]] and not state["killed"]:
                     state["killed"] = True
                     os.kill(pid, signal.SIGKILL)  # dies with the call in flight
                 return refs
