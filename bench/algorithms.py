@@ -218,7 +218,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--tuned-malloc", action="store_true",
-                    help="keep freed memory in glibc's heap (M_MMAP_THRESHOLD/M_TRIM_THRESHOLD 1 GiB) for all rows")
+                    help="keep freed memory in glibc's heap, as the workers do (pipeline.worker.keep_freed_memory)")
     ap.add_argument("--measure", help=argparse.SUPPRESS)  # internal: memory of these rows, in a fresh process
     args = ap.parse_args()
     args.repeats, args.batched_repeats = max(1, args.repeats), max(1, args.batched_repeats)
@@ -228,11 +228,12 @@ def main() -> None:
         measure_rows(args, json.loads(args.measure))
         return
     if args.tuned_malloc:
-        # The same as MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824 in a worker's environment:
-        # large tensors stop being mmap'd and unmapped on every allocation, so they stop page-faulting.
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 30)
-        libc.mallopt(-1, 1 << 30)
+        # What every TaskWorker does (workers.keep_freed_memory): large tensors stop being mmap'd and unmapped or
+        # trimmed on every allocation, so they stop page-faulting. (mallopt refuses an mmap threshold above 32 MiB:
+        # an earlier 1 GiB here set only the trim threshold, which disables glibc's adaptive threshold.)
+        from pipeline.worker import keep_freed_memory
+
+        keep_freed_memory()
     device = torch.device(args.device)
     methods = build_methods(args, device)
 

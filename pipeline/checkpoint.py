@@ -389,11 +389,15 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
 
 
 def _unpickler_reason(text: str) -> str:
-    """The useful line of torch's weights-only refusal ("Trying to load unsupported GLOBAL posix.system ...")."""
-    for line in text.splitlines()[1:]:
-        line = line.split("WeightsUnpickler error:")[-1].strip()
-        if line and not line.startswith(("Please file an issue", "Check the documentation")):
-            return line[:200]
+    """The useful part of torch's weights-only refusal ("Unsupported global: GLOBAL posix.system ...").
+
+    Only the unpickler's own sentence is kept: the rest of torch's message advises ``weights_only=False`` or
+    allowlisting the global, which is exactly what must not be done with a file nobody vouches for.
+    """
+    m = re.search(r"WeightsUnpickler error:\s*(.+)", text) or re.search(r"^\s*(.*\bGLOBAL\b.*)$", text, re.M)
+    if m:
+        reason = re.split(r"\.\s+Please use|\. Please", m.group(1))[0].strip().rstrip(".")
+        return reason[:200]
     return "it holds objects other than tensors and plain values"
 
 

@@ -89,10 +89,14 @@ def _probe_ray_address(address: str, timeout_s: float = 5.0) -> None:
 def init_ray(address: str | None) -> bool:
     """Join the Ray cluster at ``address`` (or $RAY_ADDRESS), else start a local one; True if we started it.
 
-    A Ray already initialised in this process (tests, notebooks) is used as it is. A local Ray binds its dashboard
-    to 127.0.0.1 only.
+    A Ray already initialised in this process (tests, notebooks) is used as it is; an explicit ``address`` of another
+    cluster is then refused rather than silently ignored. A local Ray binds its dashboard to 127.0.0.1 only.
     """
     if ray.is_initialized():
+        current = ray.get_runtime_context().gcs_address
+        if address and address not in ("auto", current):
+            raise EngineError(f"--ray-address {address}: this process is already connected to the Ray cluster at "
+                              f"{current}; leave --ray-address out to use it")
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:

@@ -8,7 +8,7 @@ is recomputed elsewhere with an identical result.
 
     core = TaskWorkerCore(cfg, worker_id=0)
     meta, grads = core.compute(step=1, version=0, weights=weights, blocks=[[0, 1], [2, 3]])  # the whole tree
-    meta, grads = core.compute(step=1, version=0, weights=weights, blocks=[[4, 5], [6, 7]], tree=(2, 4))  # leaves 2-3 of 4
+    meta, grads = core.compute(1, 0, weights, blocks=[[4, 5], [6, 7]], tree=(2, 4))  # leaves 2-3 of a tree of 4
     rows = core.evaluate(weights, "test", step=0, slots=range(600))      # per-task accuracy/loss
 """
 

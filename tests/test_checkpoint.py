@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -281,6 +282,10 @@ def test_pickled_code_is_refused_and_never_executed(tmp_path, writer):
         load_checkpoint(path)
     assert ei.value.reason == "format"
     assert str(ei.value).startswith(f"checkpoint {path} is not a metatrain checkpoint")
+    if writer != "raw_pickle":  # the unpickler's own reason, never torch's advice to load unsafely
+        assert re.search(r"a weights-only load refuses it \((Unsupported global: )?.*GLOBAL ", str(ei.value)), \
+            str(ei.value)
+    assert "weights_only" not in str(ei.value) and "add_safe_globals" not in str(ei.value)
     assert not marker.exists()
     # The driver's path: the unsafe newest file is skipped with a warning, never executed.
     save_checkpoint(tmp_path, state_at(1))
