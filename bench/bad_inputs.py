@@ -10,6 +10,7 @@ to a fresh --out, no pickled code run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -48,7 +49,8 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     rows = []
     with tempfile.TemporaryDirectory() as d:
-        base = trained_run(Path(d) / "trained")
+        with contextlib.redirect_stdout(sys.stderr):  # prepare's and train's own report: not part of the table
+            base = trained_run(Path(d) / "trained")
         for i, case in enumerate(CASES, 1):
             tmp = Path(d) / f"case{i}"
             tmp.mkdir()
