@@ -70,10 +70,10 @@ def measure(cfg, steps: int, rounds: int) -> dict[str, list[dict]]:
         engine = Engine(cfg, d, log=lambda s: None)
         try:
             sync_steps(engine, 2, "equal", 2, cfg)  # warm-up: first calls, allocator, speeds
-            for _ in range(rounds):
+            for r in range(rounds):
                 for name, (workers, balance) in phases.items():
                     rows = sync_steps(engine, workers, balance, steps + 1, cfg)
-                    out[name].extend(rows[1:])  # the first step of a phase re-balances
+                    out[name].extend(row | {"round": r} for row in rows[1:])  # the first step of a phase re-balances
         finally:
             engine.shutdown()
     return out
@@ -167,6 +167,13 @@ def main() -> None:
     ray.shutdown()
     # The headline is the default configuration (workers.balance=equal); the speed split is for unequal hardware.
     engine_speedup = cfg.train.meta_batch / np.median([r["step_s"] for r in phases["2 workers, even split"]]) / one
+    # Each round's own ratio (its 1-worker and 2-worker phases ran back to back): the spread the host's drift gives.
+    per_round = [np.median([r["step_s"] for r in phases["1 worker"] if r["round"] == k])
+                 / np.median([r["step_s"] for r in phases["2 workers, even split"] if r["round"] == k])
+                 for k in range(args.rounds)]
+    print()
+    print(f"speed-up at 2 workers by round: {', '.join(f'{x:.2f}' for x in per_round)}; median {np.median(per_round):.2f}x, "
+          f"range {min(per_round):.2f}-{max(per_round):.2f}x")
     print()
     print("Peer: the same tasks in plain processes started together (no Ray, no parameter server, no step barrier).")
     print()

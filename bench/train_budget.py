@@ -6,14 +6,16 @@
     python bench/train_budget.py --algo mann --minutes 60 --parallel   # both at once, one worker (core) each
     python bench/train_budget.py --algo memory --minutes 60      # Kaiser et al.'s memory module, 5w1s
     python bench/train_budget.py --algo protonet --minutes 20 [--ways 20] [--shots 5]
+    python bench/train_budget.py --algo matching,relation --minutes 40 --parallel   # a core each, at once
 
 Trains the algorithm's config (configs/omniglot_<algo>_5w1s.yaml; mann: omniglot_mann_5class.yaml) through the whole
 pipeline (local Ray, parameter server, MLflow) until the budget is spent, then evaluates the final weights on 600
 episodes of the evaluation alphabets and prints the result beside the published number. --set overrides any config
 field (as for `metatrain train`). For mann the table is accuracy by instance (1st, 2nd, 3rd, 5th, 10th showing of a
 class), MANN next to an LSTM of the same controller size trained on the same budget (--no-baseline skips it).
---parallel trains the two at the same time, each with one worker on its own core for the whole --minutes: the same
-compute as two sequential runs of half the budget on both cores, in half the wall time.
+--parallel trains the two (or the comma-separated --algo list) at the same time, each with one worker on its own core
+for the whole --minutes: with two, the same compute as two sequential runs of half the budget on both cores, in half
+the wall time.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def run(algo: str, args, extra: list[str]) -> tuple:
     config = root / "configs" / CONFIGS.get(algo, f"omniglot_{algo}_5w1s.yaml")
     label = algo + ("-lstm" if "model.name=lstm" in extra else "")
     out = args.out or f"runs/budget-{label}-{args.ways}w{args.shots}s-{time.strftime('%Y%m%d-%H%M%S')}"
-    if args.out and algo == "mann" and not args.no_baseline:
+    if args.out and (algo == "mann" and not args.no_baseline or "," in args.algo):
         out = f"{args.out}/{label}"  # MANN and its LSTM baseline: one folder (and MLflow store) each
     # ProtoNets train wider than they test (60-way in its config): only the test ways follow --ways.
     ways = [f"data.eval_ways={args.ways}"] if algo == "protonet" else [f"data.ways={args.ways}",
@@ -90,14 +92,14 @@ def run_parallel(jobs: list[tuple[str, list[str]]], args) -> list[tuple]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--algo", default="fomaml")
+    ap.add_argument("--algo", default="fomaml", help="an algorithm, or several separated by commas")
     ap.add_argument("--minutes", type=float, default=30.0)
     ap.add_argument("--ways", type=int, default=5, help="ways (mann: classes per sequence)")
     ap.add_argument("--shots", type=int, default=1)
     ap.add_argument("--data", default="data/omniglot")
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-baseline", action="store_true", help="mann: skip the LSTM baseline")
-    ap.add_argument("--parallel", action="store_true", help="mann: train MANN and the LSTM at once, a core each")
+    ap.add_argument("--parallel", action="store_true", help="train the algorithms (mann: MANN and the LSTM) at once, a core each")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
     head = f"{platform.machine()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}"
@@ -125,20 +127,26 @@ def main() -> None:
         for name, _, result, _, out in runs:
             print(f"{name}: run {result.run_id} in {out}")
         return
-    config, result, wall, out = run(args.algo, args, [])
-    s = result.summary
-    paper, source = PUBLISHED.get(args.algo, (float("nan"), "-"))
-    paper = PUBLISHED_BY_TASK.get(args.algo, {}).get((args.ways, args.shots), paper if (args.ways, args.shots) == (5, 1)
-                                                      else float("nan"))
+    algos = args.algo.split(",")
+    if args.parallel:
+        runs = run_parallel([(a, []) for a in algos], args)
+    else:
+        runs = [run(a, args, []) for a in algos]
+    how = (f"at once, 1 worker (core) each" if args.parallel else "whole machine") + f", {' '.join(args.overrides)}"
     print()
-    print(f"{head}; config {config.name} {' '.join(args.overrides)}")
+    print(f"{head}; {how}")
     print()
-    print("| algorithm | task | budget | steps | wall s | test accuracy (600 tasks) | published |")
+    print(f"| algorithm | task | budget | steps | wall s | test accuracy ({runs[0][1].summary['tasks']} tasks) | published |")
     print("|---|---|---:|---:|---:|---:|---:|")
-    print(f"| {args.algo} | {args.ways}w{args.shots}s | {args.minutes:g} min | {result.final_step} | "
-          f"{wall:.0f} | {100 * s['accuracy']:.2f} ± {100 * s['ci95']:.2f}% | {paper}% ({source}) |")
-    print(f"\nrun {result.run_id} in {out}")
-
+    for algo, (config, result, wall, out) in zip(algos, runs):
+        s = result.summary
+        paper, source = PUBLISHED.get(algo, (float("nan"), "-"))
+        paper = PUBLISHED_BY_TASK.get(algo, {}).get((args.ways, args.shots),
+                                                    paper if (args.ways, args.shots) == (5, 1) else float("nan"))
+        print(f"| {algo} | {args.ways}w{args.shots}s | {args.minutes:g} min | {result.final_step} | "
+              f"{wall:.0f} | {100 * s['accuracy']:.2f} ± {100 * s['ci95']:.2f}% | {paper}% ({source}) |")
+    for algo, (config, result, wall, out) in zip(algos, runs):
+        print(f"{algo}: config {config.name}, run {result.run_id} in {out}")
 
 if __name__ == "__main__":
     main()

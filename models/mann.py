@@ -67,7 +67,7 @@ def lrua_write_weights(gate: torch.Tensor, w_read_prev: torch.Tensor, w_lu_prev:
 
 def clear_least_used(memory: torch.Tensor, usage_prev: torch.Tensor) -> torch.Tensor:
     """The memory with its least-used location (argmin of w^u_{t-1}, lowest index on ties) set to zero."""
-    idx = torch.sort(usage_prev, dim=-1, stable=True).indices[:, :1]
+    idx = torch.argmin(usage_prev, dim=-1, keepdim=True)  # the first minimum, as a stable sort's first element
     keep = torch.ones_like(usage_prev).scatter_(-1, idx, 0.0)
     return memory * keep.unsqueeze(-1)
 
@@ -135,31 +135,48 @@ class MANN(SequenceModel):
         self.out = nn.Linear(controller + read_heads * memory_width, classes)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        b, steps, _ = inputs.shape
+        b, steps, d = inputs.shape
         n, w, r = self.slots, self.width, self.heads
-        h = inputs.new_zeros(b, self.controller.hidden_size)
+        cell = self.controller
+        # Why not nn.LSTMCell and three nn.Linear per step: the step loop runs in Python, so its cost is the number
+        # of ops per step. The input-to-gates product of every step is one matrix product before the loop (what
+        # nn.LSTM does), the read vector and h share one product per step, the key, gate and strength heads another,
+        # and the output layer runs once after the loop. Same parameters, same equations (tests/test_memory_models.py
+        # checks this against the step-by-step composition of the equation functions).
+        # unbind, not x_gates[:, t]: one backward node that stacks the T gradients, where indexing would make each
+        # step's backward allocate and fill a zero (B, T, 4H) tensor (that was 70% of the step's time).
+        x_gates = F.linear(inputs, cell.weight_ih[:, :d], cell.bias_ih + cell.bias_hh).unbind(1)  # T x (B, 4H)
+        w_rec = torch.cat([cell.weight_ih[:, d:], cell.weight_hh], dim=1).t()  # [r_{t-1}, h_{t-1}] -> gates
+        head_layers = [self.key, self.gate] + ([self.strength] if self.strength is not None else [])
+        w_heads = torch.cat([m.weight for m in head_layers]).t()
+        b_heads = torch.cat([m.bias for m in head_layers])
+        h = inputs.new_zeros(b, cell.hidden_size)
         c = torch.zeros_like(h)
         memory = inputs.new_full((b, n, w), MEMORY_INIT)
         usage = inputs.new_zeros(b, n)
         w_read = inputs.new_zeros(b, r, n)
         w_lu = least_used(usage, r)
         reads = inputs.new_zeros(b, r * w)
-        outputs = []
+        hs, rs = [], []
         for t in range(steps):
-            h, c = self.controller(torch.cat([inputs[:, t], reads], dim=-1), (h, c))
-            keys = torch.tanh(self.key(h)).view(b, r, w)
-            w_write = lrua_write_weights(self.gate(h), w_read, w_lu)
+            gates = torch.addmm(x_gates[t], torch.cat([reads, h], dim=-1), w_rec)
+            i, f, g, o = gates.chunk(4, dim=-1)  # nn.LSTMCell's gate order
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            heads = torch.addmm(b_heads, h, w_heads)
+            keys = torch.tanh(heads[:, :r * w]).view(b, r, w)
+            w_write = lrua_write_weights(heads[:, r * w:r * w + r], w_read, w_lu)
             written = lrua_write(clear_least_used(memory, usage), w_write, keys)
             source = memory if self.read_before_write else written
-            # All heads read at once: fold the heads into the batch for the content addressing.
-            beta = F.softplus(self.strength(h)).reshape(b * r, 1) if self.strength is not None else 1.0
-            w_read = content_weights(source.repeat_interleave(r, 0), keys.reshape(b * r, w), beta).view(b, r, n)
-            reads = torch.einsum("brn,bnw->brw", w_read, source).reshape(b, r * w)
+            beta = F.softplus(heads[:, r * w + r:]).unsqueeze(-1) if self.strength is not None else 1.0
+            w_read = content_weights(source, keys, beta)  # (B, R, N): every head at once
+            reads = torch.bmm(w_read, source).view(b, r * w)
             memory = written
             usage = update_usage(usage, w_read, w_write, self.gamma)
             w_lu = least_used(usage, r)
-            outputs.append(self.out(torch.cat([h, reads], dim=-1)))
-        return torch.stack(outputs, dim=1)
+            hs.append(h)
+            rs.append(reads)
+        return self.out(torch.cat([torch.stack(hs, dim=1), torch.stack(rs, dim=1)], dim=-1))
 
 
 class SequenceLSTM(SequenceModel):

@@ -27,17 +27,22 @@ EPS = 1e-8
 
 
 def cosine_similarity(memory: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """cos(key, M(i)) for every location: memory ``(B, N, W)``, key ``(B, W)`` -> ``(B, N)``.
+    """cos(key, M(i)) for every location: memory ``(B, N, W)``, key ``(B, W)`` -> ``(B, N)``, or R keys per memory,
+    ``(B, R, W)`` -> ``(B, R, N)`` (MANN's read heads, without copying the memory once per head).
 
     The epsilon sits inside the norms so that a zeroed location (LRUA zeroes one before every write, and memory
     starts near zero) gives a similarity near 0 rather than NaN.
     """
+    if key.dim() == 3:
+        dots = torch.einsum("bnw,brw->brn", memory, key)
+        return dots / (memory.norm(dim=-1).unsqueeze(1) * key.norm(dim=-1, keepdim=True) + EPS)
     dots = torch.einsum("bnw,bw->bn", memory, key)
     return dots / (memory.norm(dim=-1) * key.norm(dim=-1, keepdim=True) + EPS)
 
 
 def content_weights(memory: torch.Tensor, key: torch.Tensor, beta: torch.Tensor | float = 1.0) -> torch.Tensor:
-    """w_c(i) = softmax_i(beta * cos(key, M(i))); ``beta`` >= 0 is the key strength, ``(B, 1)`` or a number."""
+    """w_c(i) = softmax_i(beta * cos(key, M(i))); ``beta`` >= 0 is the key strength, ``(B, 1)`` or a number
+    (``(B, R, 1)`` for keys ``(B, R, W)``)."""
     return torch.softmax(beta * cosine_similarity(memory, key), dim=-1)
 
 

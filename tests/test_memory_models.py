@@ -135,6 +135,44 @@ def test_mann_is_causal_and_shapes_match():
     assert SequenceLSTM(classes=3, input_size=6, hidden=16)(x).shape == (2, 9, 3)
 
 
+def mann_by_the_equations(net: MANN, inputs: torch.Tensor) -> torch.Tensor:
+    """MANN's forward written out from the equation functions, one nn.LSTMCell and one layer call per term."""
+    b, steps, _ = inputs.shape
+    n, w, r = net.slots, net.width, net.heads
+    h = inputs.new_zeros(b, net.controller.hidden_size)
+    c = torch.zeros_like(h)
+    memory, usage = inputs.new_full((b, n, w), 1e-6), inputs.new_zeros(b, n)
+    w_read, reads = inputs.new_zeros(b, r, n), inputs.new_zeros(b, r * w)
+    w_lu, outputs = least_used(usage, r), []
+    for t in range(steps):
+        h, c = net.controller(torch.cat([inputs[:, t], reads], dim=-1), (h, c))
+        keys = torch.tanh(net.key(h)).view(b, r, w)
+        w_write = lrua_write_weights(net.gate(h), w_read, w_lu)
+        written = lrua_write(clear_least_used(memory, usage), w_write, keys)
+        source = memory if net.read_before_write else written
+        beta = F.softplus(net.strength(h)) if net.strength is not None else torch.ones(b, r)
+        # One head at a time, each with the single-key content addressing.
+        w_read = torch.stack([content_weights(source, keys[:, j], beta[:, j:j + 1]) for j in range(r)], dim=1)
+        reads = torch.stack([read(source, w_read[:, j]) for j in range(r)], dim=1).reshape(b, r * w)
+        memory = written
+        usage = update_usage(usage, w_read, w_write, net.gamma)
+        w_lu = least_used(usage, r)
+        outputs.append(net.out(torch.cat([h, reads], dim=-1)))
+    return torch.stack(outputs, dim=1)
+
+
+@pytest.mark.parametrize("options", [{}, {"key_strength": False}, {"read_before_write": False}])
+def test_mann_forward_is_the_equations_step_by_step(options):
+    # The forward fuses products across steps and heads for speed; values and gradients must be the equations'.
+    torch.manual_seed(0)
+    net = MANN(classes=3, input_size=6, controller=16, memory_slots=8, memory_width=5, read_heads=2, **options)
+    x = torch.randn(3, 12, 9)
+    fast, slow = net(x), mann_by_the_equations(net, x)
+    assert torch.allclose(fast, slow, atol=1e-6)
+    grads = [torch.autograd.grad(out.square().sum(), list(net.parameters())) for out in (fast, slow)]
+    assert all(torch.allclose(g1, g2, atol=1e-5) for g1, g2 in zip(*grads))
+
+
 # ---- Kaiser et al. memory module ---------------------------------------------------------------------------------
 
 
