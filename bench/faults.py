@@ -146,7 +146,7 @@ def logged_steps(uri: str) -> tuple[str, list[int], str]:
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     (run,) = runs
     history = client.get_metric_history(run.info.run_id, "train/loss")
-    return run.info.run_id, sorted({m.step for m in history}), run.info.status
+    return run.info.run_id, sorted(m.step for m in history), run.info.status
 
 
 def free_port() -> int:
@@ -180,16 +180,22 @@ def same(a: dict, b: dict) -> str:
     return "NO"
 
 
-def lost(logged: list[int], steps: int) -> str:
-    missing = sorted(set(range(1, steps + 1)) - set(logged))
-    if not missing:
-        return "nothing"
-    runs, start = [], missing[0]  # compact ranges: 2-10, 14
-    for a, b in zip(missing, missing[1:] + [None]):
+def _ranges(values: list[int]) -> str:
+    runs, start = [], values[0]  # compact ranges: 2-10, 14
+    for a, b in zip(values, values[1:] + [None]):
         if b != a + 1:
             runs.append(f"{start}-{a}" if a > start else f"{a}")
             start = b
-    return f"train/loss of steps {', '.join(runs)}"
+    return ", ".join(runs)
+
+
+def lost(logged: list[int], steps: int, twice: bool = False) -> str:
+    """What the run's train/loss history lacks of steps 1..steps (with ``twice``: and what it holds twice)."""
+    missing = sorted(set(range(1, steps + 1)) - set(logged))
+    doubled = sorted({s for s in logged if logged.count(s) > 1}) if twice else []
+    out = [f"train/loss of steps {_ranges(missing)}"] if missing else []
+    out += [f"train/loss of steps {_ranges(doubled)} logged twice"] if doubled else []
+    return "; ".join(out) or "nothing"
 
 
 def main() -> None:
@@ -234,7 +240,7 @@ def main() -> None:
         final = load_checkpoint(out / "checkpoints" / "final.pt")["params"]
         rows.append(("driver killed (SIGKILL), then --resume", rc == 0 and status == "FINISHED",
                      same(final, clean["params"]), f"resumed at step {start} (killed after checkpoint 10)",
-                     lost(after, steps) + f"; run {status_killed} until resumed, then {status}",
+                     lost(after, steps, twice=True) + f"; run {status_killed} until resumed, then {status}",
                      time.monotonic() - t0))
 
         # A whole node of a two-node cluster.

@@ -172,8 +172,8 @@ def main() -> None:
                  / np.median([r["step_s"] for r in phases["2 workers, even split"] if r["round"] == k])
                  for k in range(args.rounds)]
     print()
-    print(f"speed-up at 2 workers by round: {', '.join(f'{x:.2f}' for x in per_round)}; median {np.median(per_round):.2f}x, "
-          f"range {min(per_round):.2f}-{max(per_round):.2f}x")
+    print(f"speed-up at 2 workers by round: {', '.join(f'{x:.2f}' for x in per_round)}; "
+          f"median {np.median(per_round):.2f}x, range {min(per_round):.2f}-{max(per_round):.2f}x")
     print()
     print("Peer: the same tasks in plain processes started together (no Ray, no parameter server, no step barrier).")
     print()

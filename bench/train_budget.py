@@ -99,7 +99,8 @@ def main() -> None:
     ap.add_argument("--data", default="data/omniglot")
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-baseline", action="store_true", help="mann: skip the LSTM baseline")
-    ap.add_argument("--parallel", action="store_true", help="train the algorithms (mann: MANN and the LSTM) at once, a core each")
+    ap.add_argument("--parallel", action="store_true",
+                    help="train the algorithms (mann: MANN and the LSTM) at once, a core each")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
     head = f"{platform.machine()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}"
@@ -132,20 +133,21 @@ def main() -> None:
         runs = run_parallel([(a, []) for a in algos], args)
     else:
         runs = [run(a, args, []) for a in algos]
-    how = (f"at once, 1 worker (core) each" if args.parallel else "whole machine") + f", {' '.join(args.overrides)}"
+    how = ("at once, 1 worker (core) each" if args.parallel else "whole machine") + f", {' '.join(args.overrides)}"
     print()
     print(f"{head}; {how}")
     print()
-    print(f"| algorithm | task | budget | steps | wall s | test accuracy ({runs[0][1].summary['tasks']} tasks) | published |")
+    tasks = runs[0][1].summary["tasks"]
+    print(f"| algorithm | task | budget | steps | wall s | test accuracy ({tasks} tasks) | published |")
     print("|---|---|---:|---:|---:|---:|---:|")
-    for algo, (config, result, wall, out) in zip(algos, runs):
+    for algo, (_, result, wall, _) in zip(algos, runs):
         s = result.summary
         paper, source = PUBLISHED.get(algo, (float("nan"), "-"))
         paper = PUBLISHED_BY_TASK.get(algo, {}).get((args.ways, args.shots),
                                                     paper if (args.ways, args.shots) == (5, 1) else float("nan"))
         print(f"| {algo} | {args.ways}w{args.shots}s | {args.minutes:g} min | {result.final_step} | "
               f"{wall:.0f} | {100 * s['accuracy']:.2f} ± {100 * s['ci95']:.2f}% | {paper}% ({source}) |")
-    for algo, (config, result, wall, out) in zip(algos, runs):
+    for algo, (config, result, _, out) in zip(algos, runs):
         print(f"{algo}: config {config.name}, run {result.run_id} in {out}")
 
 if __name__ == "__main__":

@@ -335,6 +335,9 @@ def train(config_path: str | None, overrides: list[str] = (), *, out: str | None
             start = engine.ps_status()["version"] + 1
             if resume:
                 print(f"metatrain: resuming run {resume} at step {start}", file=sys.stderr)
+                # Metrics a killed driver had buffered: steps up to the checkpoint are not recomputed, so send
+                # them from its journal; later steps are logged again as they are recomputed.
+                tracker.replay_journal(through_step=start - 1)
             # The image shape goes into every checkpoint: predict can then rebuild the model without the store.
             ray.get(engine.ps.set_extra.remote(run_id=tracker.run_id, image_shape=image_shape(cfg)))
             trainer = Trainer(cfg, engine, tracker, out_dir, quiet=quiet)

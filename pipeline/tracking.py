@@ -382,6 +382,24 @@ class _ArtifactJob:
 # --------------------------------------------------------------------------------------------------- tracker
 
 
+def _read_metric_lines(path: Path, tags: dict | None = None) -> list:
+    """Metrics (and, into ``tags``, tags) of a spill or journal file; a line torn by a crash is skipped."""
+    from mlflow.entities import Metric
+
+    metrics = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+            if "tag" in rec:
+                if tags is not None:
+                    tags[rec["tag"]] = rec["value"]
+            else:
+                metrics.append(Metric(rec["key"], float(rec["value"]), int(rec["timestamp"]), int(rec["step"])))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return metrics
+
+
 class RunTracker:
     """One MLflow run: buffered metrics, background uploads, system metrics, and a guaranteed terminal status.
 
@@ -401,7 +419,10 @@ class RunTracker:
         spill_dir: where metrics still unsent at ``end()`` (``unsent-metrics-<run_id>.jsonl``) and artifacts that
             failed to upload (``unuploaded/``) are kept; resuming the run with the same spill_dir sends the spilled
             metrics first. If None, unsent metrics are lost (with a warning) and failed artifacts stay in a
-            temporary folder whose path the warning names.
+            temporary folder whose path the warning names. With a spill_dir, every metric is also appended to a
+            journal (``journal-<run_id>.jsonl``) as it is logged and the journal is cut each time the buffer is
+            empty, so a process killed with metrics still buffered (SIGKILL, a lost node: no ``end()``) loses
+            none of them: ``replay_journal`` on resume sends the ones the store does not have.
     """
 
     def __init__(self, uri: str, experiment: str = "metatrain", run_id: str | None = None,
@@ -443,6 +464,8 @@ class RunTracker:
         self._thread: threading.Thread | None = None
         self._monitor = None
         self._staging: Path | None = None
+        self._journal = None  # the open write-ahead journal of buffered metrics (with a spill_dir)
+        self._journal_backlog: list = []  # a killed session's journal entries, until replay_journal() decides
 
         self._failures = 0  # consecutive failed sends
         self._retry_at = 0.0  # monotonic time before which the background thread does not retry
@@ -510,6 +533,7 @@ class RunTracker:
                 raise
             raise TrackingError(f"could not start an MLflow run in {shown} ({_one_line(e, 200)})") from e
         self._started = True
+        self._open_journal()
         if self.resumed:
             self._replay_spill()
         self._thread = threading.Thread(target=self._loop, name="metatrain-mlflow-flush", daemon=True)
@@ -658,6 +682,7 @@ class RunTracker:
         with self._lock:
             for m in entries:
                 self._buf.append(m)
+            self._journal_locked(entries)
             self._trim_locked()
 
     def _trim_locked(self) -> None:
@@ -710,6 +735,8 @@ class RunTracker:
                     return False
             with self._lock:
                 tags, self._tags = self._tags, {}
+                if not self._buf:
+                    self._cut_journal_locked()  # everything journaled so far is in the store
             items = [RunTag(k, v) for k, v in tags.items()]
             for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
                 try:
@@ -997,6 +1024,7 @@ class RunTracker:
             down = self._outage_since is not None
             self._run_jobs(final=True, last_chance=down)
             self._spill_unsent()
+            self._close_journal()  # what it held is now in the store or in the spill file
             if self.rejected:
                 _warn(f"{self.rejected} metric or tag values were skipped in run {self._run_id}")
             attempts = 1 if down else 3
@@ -1042,23 +1070,14 @@ class RunTracker:
 
     def _replay_spill(self) -> None:
         """On resume: queue what an earlier ``end()`` could not send (its spill file), ahead of new metrics."""
-        from mlflow.entities import Metric
-
         path = self._spill_path()
         if path is None or not path.is_file():
             return
-        metrics, tags = [], {}
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-                if "tag" in rec:
-                    tags[rec["tag"]] = rec["value"]
-                else:
-                    metrics.append(Metric(rec["key"], float(rec["value"]), int(rec["timestamp"]), int(rec["step"])))
-            except (ValueError, KeyError, TypeError):
-                continue  # a line torn by a crash while spilling: skip it, keep the rest
+        tags: dict = {}
+        metrics = _read_metric_lines(path, tags)
         with self._lock:
             self._buf.extend(metrics)
+            self._journal_locked(metrics)
             self._trim_locked()
             for k, v in tags.items():
                 self._tags.setdefault(k, v)
@@ -1066,6 +1085,89 @@ class RunTracker:
         # for inspection until the next replay overwrites it.
         path.replace(path.with_name(path.name + ".replayed"))
         _warn(f"resending {len(metrics)} metrics that an earlier session could not send (from {path})")
+
+    # ------------------------------------------------------------------ write-ahead journal
+
+    def _journal_path(self) -> Path | None:
+        return self.spill_dir / f"journal-{self._run_id}.jsonl" if self.spill_dir is not None else None
+
+    def _open_journal(self) -> None:
+        """Start this session's journal; a killed session's journal is kept aside for ``replay_journal``."""
+        path = self._journal_path()
+        if path is None:
+            return
+        try:
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            if path.is_file():
+                self._journal_backlog = _read_metric_lines(path)
+                path.replace(path.with_name(path.name + ".replayed"))  # kept for inspection, not read again
+            self._journal = open(path, "w", encoding="utf-8")
+        except OSError as e:
+            self._journal = None
+            _warn(f"cannot write the metric journal {path} ({e}); metrics buffered when this process is killed "
+                  "would be lost")
+
+    def _journal_locked(self, entries: list) -> None:
+        if self._journal is None or not entries:
+            return
+        try:
+            # One write per call, flushed to the OS: a killed process loses nothing written (a crashed machine
+            # may lose the page cache's last seconds, as any log does without fsync).
+            self._journal.write("".join(json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp,
+                                                    "step": m.step}) + "\n" for m in entries))
+            self._journal.flush()
+        except (OSError, ValueError) as e:
+            self._journal = None
+            _warn(f"writing the metric journal failed ({e}); continuing without it")
+
+    def _cut_journal_locked(self) -> None:
+        if self._journal is None or self._journal.tell() == 0:
+            return
+        try:
+            self._journal.seek(0)
+            self._journal.truncate()
+        except (OSError, ValueError) as e:
+            self._journal = None
+            _warn(f"cutting the metric journal failed ({e}); continuing without it")
+
+    def _close_journal(self) -> None:
+        with self._lock:
+            journal, self._journal = self._journal, None
+        if journal is not None:
+            journal.close()
+            try:
+                Path(journal.name).unlink()
+            except OSError:
+                pass
+
+    def replay_journal(self, through_step: int | None = None) -> int:
+        """Resend what a killed session had logged but not delivered (its journal); returns how many entries.
+
+        Entries the store already holds (same key, step and timestamp) are skipped, so nothing is logged twice;
+        so are entries after ``through_step``: a resumed training run recomputes those steps and logs them again.
+        """
+        backlog, self._journal_backlog = self._journal_backlog, []
+        if through_step is not None:
+            backlog = [m for m in backlog if m.step <= through_step]
+        if not backlog:
+            return 0
+        have: set = set()
+        try:
+            for key in {m.key for m in backlog}:
+                have |= {(key, h.step, h.timestamp) for h in self._client.get_metric_history(self._run_id, key)}
+        except Exception as e:
+            _warn(f"cannot read run {self._run_id}'s metrics to replay the journal ({_one_line(e)}); resending all "
+                  f"{len(backlog)} journaled metrics")
+            have = set()
+        missing = [m for m in backlog if (m.key, m.step, m.timestamp) not in have]
+        with self._lock:
+            self._buf.extendleft(reversed(missing))  # ahead of this session's metrics, in their order
+            self._journal_locked(missing)
+            self._trim_locked()
+        if missing:
+            _warn(f"resending {len(missing)} metrics that a killed session logged but had not sent")
+            self._wake.set()
+        return len(missing)
 
     def _atexit(self) -> None:
         if self._started and not self._ended:

@@ -339,6 +339,65 @@ def test_resume_continues_the_same_run(uri, monkeypatch, capsys):
     assert "param 'b' changed on resume" in capsys.readouterr().err
 
 
+KILLED_SESSION = """
+import os, signal, sys
+from pipeline.tracking import RunTracker
+t = RunTracker(sys.argv[1], spill_dir=sys.argv[2], system_metrics=False, flush_every_s=3600.0).start()
+for step in range(5):
+    t.log_metrics({"train/loss": float(step), "train/acc": step / 10}, step=step)
+t.flush()  # steps 0-4 reach the store
+for step in range(5, 10):
+    t.log_metrics({"train/loss": float(step), "train/acc": step / 10}, step=step)
+print(t.run_id, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # steps 5-9 are only in the buffer (and the journal)
+"""
+
+
+def test_metrics_buffered_by_a_killed_process_are_replayed_once_on_resume(uri, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    spill = tmp_path / "spill"
+    proc = subprocess.run([sys.executable, "-c", KILLED_SESSION, uri, str(spill)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    run_id = proc.stdout.strip()
+    assert history(uri, run_id, "train/loss") == [(s, float(s)) for s in range(5)]  # 5-9 never got there
+    journal = spill / f"journal-{run_id}.jsonl"
+    assert sorted({json.loads(x)["step"] for x in journal.read_text().splitlines()}) == [5, 6, 7, 8, 9]
+
+    again = tracker(uri, run_id=run_id, spill_dir=spill).start()
+    # A resumed training run recomputes the steps after its checkpoint (here 7): only 5-7 come from the journal.
+    assert again.replay_journal(through_step=7) == 6  # 3 steps x 2 metrics
+    assert again.replay_journal(through_step=7) == 0  # a second call has nothing left to send
+    for step in range(8, 12):
+        again.log_metrics({"train/loss": float(step), "train/acc": step / 10}, step=step)
+    assert again.flush()
+    assert journal.read_text() == ""  # cut once everything it held reached the store
+    again.end()
+    assert history(uri, run_id, "train/loss") == [(s, float(s)) for s in range(12)]  # each step exactly once
+    assert history(uri, run_id, "train/acc") == [(s, s / 10) for s in range(12)]
+    assert not journal.exists() and (spill / f"journal-{run_id}.jsonl.replayed").is_file()
+    assert "resending 6 metrics that a killed session logged" in capsys.readouterr().err
+
+
+def test_journal_replay_skips_what_the_store_already_has(uri, tmp_path):
+    # A session killed after a flush that sent everything, but before the journal was cut: nothing is resent.
+    t = tracker(uri, spill_dir=tmp_path / "spill").start()
+    for step in range(4):
+        t.log_metrics({"m": float(step)}, step=step)
+    path = tmp_path / "spill" / f"journal-{t.run_id}.jsonl"
+    kept = path.read_text()
+    assert t.flush() and path.read_text() == ""
+    t.end()
+    assert not path.exists()
+    path.write_text(kept)  # as if the process had died between the send and the cut
+    again = tracker(uri, run_id=t.run_id, spill_dir=tmp_path / "spill").start()
+    assert again.replay_journal() == 0
+    again.end()
+    assert history(uri, t.run_id, "m") == [(s, float(s)) for s in range(4)]
+
+
 def test_unknown_run_id_is_a_tracking_error(uri):
     with pytest.raises(TrackingError) as ei:
         tracker(uri, run_id="0123456789abcdef0123456789abcdef").start()
