@@ -30,6 +30,8 @@ BENCHMARKS = {
     "sampler": (["bench/sampler.py", "--seconds", "1"], "data: episodes/s of the sampler against a per-image peer"),
     "algorithms": (["bench/algorithms.py", "--repeats", "2"],
                    "throughput of each algorithm (1 thread) against higher and TorchOpt; peak memory"),
+    "throughput": (["bench/throughput.py"],
+                   "the whole pipeline at 1 worker through Ray against plain PyTorch, higher and TorchOpt"),
     "sinusoid": (["bench/sinusoid.py", "--iterations", "10000"], "MAML against a pretrained baseline on sinusoids"),
     "scaling": (["bench/scaling.py", "--rounds", "3"],
                 "the engine at 1 and 2 workers, the parameter server's share, the PS at up to 64 workers"),
