@@ -382,6 +382,11 @@ class _ArtifactJob:
 # --------------------------------------------------------------------------------------------------- tracker
 
 
+def _metric_line(m) -> str:
+    """One metric as a line of a spill or journal file (``_read_metric_lines`` reads it back)."""
+    return json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}) + "\n"
+
+
 def _read_metric_lines(path: Path, tags: dict | None = None) -> list:
     """Metrics (and, into ``tags``, tags) of a spill or journal file; a line torn by a crash is skipped."""
     from mlflow.entities import Metric
@@ -1056,9 +1061,7 @@ class RunTracker:
         try:
             self.spill_dir.mkdir(parents=True, exist_ok=True)
             with open(path, "a", encoding="utf-8") as f:
-                for m in unsent:
-                    f.write(json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp,
-                                        "step": m.step}) + "\n")
+                f.write("".join(_metric_line(m) for m in unsent))
                 for k, v in tags.items():
                     f.write(json.dumps({"tag": k, "value": v}) + "\n")
             _warn(f"{what} could not be sent to MLflow run {self._run_id}; saved to {path}")
@@ -1113,8 +1116,7 @@ class RunTracker:
         try:
             # One write per call, flushed to the OS: a killed process loses nothing written (a crashed machine
             # may lose the page cache's last seconds, as any log does without fsync).
-            self._journal.write("".join(json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp,
-                                                    "step": m.step}) + "\n" for m in entries))
+            self._journal.write("".join(_metric_line(m) for m in entries))
             self._journal.flush()
         except (OSError, ValueError) as e:
             self._journal = None
