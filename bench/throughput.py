@@ -2,6 +2,7 @@
 
     python bench/throughput.py                       # maml, fomaml, reptile, protonet; about 6 minutes on 2 cores
     python bench/throughput.py --algos maml --steps 8 --rounds 3
+    python bench/throughput.py --device cuda         # the same table on a GPU (worker and peers on cuda:0)
 
 For each algorithm, Omniglot 5-way 1-shot 15 queries (real episodes from the prepared store), meta-batch 32, one
 torch thread, the algorithm's own config otherwise (inner steps and rates from configs/omniglot_<algo>_5w1s.yaml):
@@ -19,6 +20,11 @@ The plain process runs with the allocator setting the workers use (``workers.kee
 is what Ray, the parameter server and our functional algorithms cost, not glibc's. Phases alternate round by round
 (ours, then the peers) so that a change of load hits all rows alike; each cell is the median step time over the
 rounds. Target: ours at 1 worker >= 0.95x the plain loop.
+
+With ``--device cuda`` the worker holds the store and model on the GPU (``workers.gpus=1``), the peers put the
+same store and model there too, and every timed step ends with the gradients back on the host (ours: the
+parameter server's update on the CPU; peers: ``torch.cuda.synchronize``). The second-order MAML iterations/s
+(meta-batch 32) are printed under the table: target >= 10 it/s on a GPU.
 """
 
 from __future__ import annotations
@@ -55,7 +61,8 @@ PEERS = {"maml": ("plain", "higher", "torchopt"), "fomaml": ("plain", "higher"),
 
 def bench_config(algo: str, args, batching: str = "loop"):
     """The algorithm's 5w1s config at 5w1s15q, meta-batch 32, one worker, no validation or checkpoints in the way."""
-    return load_config(f"configs/omniglot_{algo}_5w1s.yaml", [
+    gpus = "1" if args.device == "cuda" else "0"
+    return load_config(f"configs/omniglot_{algo}_5w1s.yaml", [f"workers.gpus={gpus}",
         f"data.path={args.data}", "data.ways=5", "data.eval_ways=5", "data.shots=1", "data.queries=15",
         f"train.meta_batch={args.meta_batch}", "train.grad_blocks=1", "train.val_every=0",
         "train.checkpoint_every=1000000", "train.steps=1000000", "workers.count=1", "workers.torch_threads=1",
@@ -143,17 +150,19 @@ def higher_fomaml(model, episodes, lr: float, steps: int):
 
 def peer_rates(algo: str, args, steps: int, first_step: int) -> dict[str, list[float]]:
     """Step times of each peer of ``algo``, in this process (run in a spawned child: no Ray, its own allocator)."""
-    from pipeline.worker import keep_freed_memory
+    from pipeline.worker import keep_freed_memory, place_store
 
     torch.set_num_threads(1)
     keep_freed_memory()
     warnings.filterwarnings("ignore")
     cfg = bench_config(algo, args)
-    sampler = build_sampler(cfg, open_store(cfg), "train")
+    device = torch.device(args.device)
+    sampler = build_sampler(cfg, place_store(open_store(cfg), device), "train")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {}
     for peer in PEERS[algo]:
         torch.manual_seed(0)
-        model = build_model(cfg, image_shape(cfg))
+        model = build_model(cfg, image_shape(cfg)).to(device)
         model.train()
         opt = (torch.optim.SGD(model.parameters(), lr=cfg.optim.lr) if cfg.optim.name == "sgd"
                else torch.optim.Adam(model.parameters(), lr=cfg.optim.lr))
@@ -163,8 +172,9 @@ def peer_rates(algo: str, args, steps: int, first_step: int) -> dict[str, list[f
         times[peer] = []
         for s in range(first_step, first_step + steps + 1):
             t0 = time.perf_counter()
-            episodes = [sampler.episode(s, slot) for slot in range(cfg.train.meta_batch)]
+            episodes = [sampler.episode(s, slot).to(device) for slot in range(cfg.train.meta_batch)]
             fn(algo, cfg, model, opt, episodes)
+            sync()
             if s > first_step:  # the first step warms up
                 times[peer].append(time.perf_counter() - t0)
     return times
@@ -209,9 +219,14 @@ def main() -> None:
     ap.add_argument("--batched-steps", type=int, default=2, help="timed steps of the batched path (slow on a CPU)")
     ap.add_argument("--meta-batch", type=int, default=32)
     ap.add_argument("--data", default="data/omniglot")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = ap.parse_args()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    print(f"{platform.machine()}, 2 cores; torch {torch.__version__}, ray {ray.__version__}; Omniglot 5w1s15q, "
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch sees no CUDA device on this machine")
+    gpu = args.device == "cuda"
+    ray.init(num_cpus=2, num_gpus=1 if gpu else 0, include_dashboard=False, log_to_driver=False)
+    where = f"{torch.cuda.get_device_name(0)}, " if gpu else ""
+    print(f"{where}{platform.machine()}, 2 cores; torch {torch.__version__}, ray {ray.__version__}; Omniglot 5w1s15q, "
           f"meta-batch {args.meta_batch}, 1 torch thread, 1 worker; median step over {args.rounds} rounds x "
           f"{args.steps} steps (batched: {args.batched_steps}); tasks/s = meta-batch / step s")
     print()
@@ -232,9 +247,14 @@ def main() -> None:
         cells = [f"{rate[k]:.2f}" if k in rate else "-" for k in ("loop", "batched", "plain", "higher", "torchopt")]
         best = f"{rate['loop'] / max(libs):.2f}x" if libs else "-"
         print(f"| {algo} | {' | '.join(cells)} | {rate['loop'] / rate['plain']:.2f}x | {best} |", flush=True)
+        if algo == "maml":
+            maml_its = {k: rate[k] / args.meta_batch for k in ("loop", "batched")}
     ray.shutdown()
     print()
     print("tasks/s; target: ours via Ray (loop, the CPU default) >= 0.95x plain PyTorch")
+    if "maml" in args.algos:
+        print(f"second-order MAML, meta-batch {args.meta_batch}: {maml_its['loop']:.2f} it/s (loop), "
+              f"{maml_its['batched']:.2f} it/s (batched){'; target on a GPU >= 10 it/s' if gpu else ''}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ is recomputed elsewhere with an identical result.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import time
 
@@ -55,6 +56,18 @@ def pick_device(gpus: float) -> torch.device:
     return torch.device("cpu")
 
 
+def place_store(store, device: torch.device):
+    """The store with its images on ``device`` (a GPU: episodes are then gathered there); a CPU store as it is.
+
+    A copy, never the store itself: ``TaskStore.open`` caches one instance per process, which other users in the
+    process (a CPU worker core, the evaluation) must keep seeing on the CPU.
+    """
+    if store is None or device.type != "cuda":
+        return store
+    # The whole store fits on the GPU (25 MB for Omniglot 28x28).
+    return dataclasses.replace(store, images=store.images.to(device))
+
+
 class TaskWorkerCore:
     """Episodes + model + algorithm for one worker process."""
 
@@ -65,10 +78,7 @@ class TaskWorkerCore:
         if cfg.workers.keep_freed_memory:
             keep_freed_memory()
         self.device = torch.device(device) if device is not None else pick_device(cfg.workers.gpus)
-        self.store = open_store(cfg)
-        if self.store is not None and self.device.type == "cuda":
-            # The whole store fits on the GPU (25 MB for Omniglot 28x28): episodes are then gathered there.
-            object.__setattr__(self.store, "images", self.store.images.to(self.device))
+        self.store = place_store(open_store(cfg), self.device)
         self.model = build_model(cfg, image_shape(cfg)).to(self.device)
         self.algorithm = get_algorithm(cfg.algorithm.name)
         self.samplers = {}

@@ -216,6 +216,35 @@ def test_reptile_adam_takes_sign_like_first_step():
         torch.testing.assert_close(grads[k][nz], 1e-3 * sgd[k][nz].sign(), rtol=1e-3, atol=1e-9)
 
 
+def test_reptile_metrics_are_the_inner_loops_first_and_last_minibatch():
+    """support_* = the first minibatch with the initial parameters; query_* = the last minibatch, before the last
+    step (by hand: plain SGD over the same fixed order); one full-batch step scores the same data twice."""
+    torch.manual_seed(0)
+    model = TinyClassifier().double()
+    params, ep = params_of(model), vector_episode(3)  # 15 examples
+    cfg = AlgorithmConfig(name="reptile", inner_lr=0.5, inner_steps=3, reptile_optimizer="sgd",
+                          reptile_batch_size=4, reptile_shuffle=False)
+    _, m = reptile.meta_gradient(params, ep, cfg, model)
+    x, y = torch.cat([ep.support_x, ep.query_x]), torch.cat([ep.support_y, ep.query_y])
+    p = dict(params)
+    seen = []
+    for s in range(3):
+        idx = (s * 4 + torch.arange(4)) % 15
+        p = {k: v.detach().requires_grad_(True) for k, v in p.items()}
+        out = functional_call(model, p, (x[idx],))
+        loss = F.cross_entropy(out, y[idx])
+        seen.append((float(loss.detach()), float((out.argmax(1) == y[idx]).double().mean())))
+        p = {k: v - 0.5 * g for (k, v), g in zip(p.items(), torch.autograd.grad(loss, list(p.values())))}
+    assert m["support_loss"] == pytest.approx(seen[0][0], rel=1e-9)
+    assert m["support_acc"] == pytest.approx(seen[0][1])
+    assert m["query_loss"] == pytest.approx(seen[2][0], rel=1e-9)
+    assert m["query_acc"] == pytest.approx(seen[2][1])
+    assert seen[2][0] < seen[0][0]  # the last minibatch is scored by partly adapted weights
+    _, one = reptile.meta_gradient(params, ep, dataclasses.replace(cfg, inner_steps=1, reptile_batch_size=0), model)
+    assert one["support_loss"] == one["query_loss"] == pytest.approx(float(F.cross_entropy(
+        functional_call(model, params, (x,)), y)), rel=1e-9)
+
+
 def test_metasgd_with_uniform_rates_equals_maml_and_learns_its_rates():
     torch.manual_seed(0)
     model = TinyClassifier().double()
