@@ -42,6 +42,9 @@ class Trainer:
         self.cfg, self.engine, self.tracker, self.out_dir = cfg, engine, tracker, out_dir
         self.history: list[dict] = []
         self.best_val = -math.inf
+        # The highest step whose train/* (val/*) metrics reached the tracker: steps redone after a parameter-server
+        # restart are not logged twice. run() starts them at its start step (a resumed run logged the steps before).
+        self.logged_through = self.validated_through = 0
         self.quiet = quiet
         self.started = time.monotonic()
 
@@ -59,6 +62,11 @@ class Trainer:
               "faults/ps_restarts": self.engine.faults.ps_restarts}
         for r in applied.get("rejected", []):
             print(f"metatrain: warning: parameter server rejected a contribution: {r}", file=sys.stderr)
+        if step <= self.logged_through:
+            # A step recomputed after a parameter-server restart: the run already has its metrics (in sync mode the
+            # same values), and MLflow would otherwise keep two points per step.
+            return m
+        self.logged_through = step
         self.tracker.log_metrics(m, step=step)
         self.history.append({"step": step, **m})
         return m
@@ -73,8 +81,10 @@ class Trainer:
         metrics = {name: value, "val/loss": float(np.mean([r["query_loss"] for r in rows]))}
         # Sequence models (MANN): accuracy by instance, inst1_acc .. instK_acc.
         metrics |= {f"val/{k}": float(np.mean([r[k] for r in rows])) for k in rows[0] if k.startswith("inst")}
-        self.tracker.log_metrics(metrics, step=step)
-        self.history.append({"step": step, **metrics})
+        if step > self.validated_through:  # not a validation redone after a parameter-server restart
+            self.validated_through = step
+            self.tracker.log_metrics(metrics, step=step)
+            self.history.append({"step": step, **metrics})
         if score > self.best_val:
             self.best_val = score
             ray.get(self.engine.ps.set_extra.remote(best_val=value, best_step=step))
@@ -86,6 +96,8 @@ class Trainer:
         from tqdm import tqdm
 
         cfg = self.cfg
+        self.logged_through = max(self.logged_through, start_step - 1)
+        self.validated_through = max(self.validated_through, start_step - 1)
         # disable=None: a bar on a terminal, none in logs and CI; --quiet turns it off everywhere.
         bar = tqdm(total=cfg.train.steps, initial=start_step - 1, desc="train", unit="step",
                    disable=True if self.quiet else None,

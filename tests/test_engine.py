@@ -165,7 +165,7 @@ def test_a_killed_parameter_server_restarts_from_its_checkpoint(clean, omniglot_
         engine.apply = apply
 
     cfg = tiny(omniglot_store, "workers.count=2")
-    last, version, weights, faults, _ = run(cfg, tmp_path, "ps", kill_ps_before_step_4)
+    last, version, weights, faults, logged = run(cfg, tmp_path, "ps", kill_ps_before_step_4)
     assert last == version == STEPS and faults.ps_restarts == 1
     assert any("restored step 2" in e for e in faults.events)
     # Steps 1-3 on the first server, then (checkpoint at 2) steps 3-5 on the restarted one: each server applied
@@ -176,6 +176,10 @@ def test_a_killed_parameter_server_restarts_from_its_checkpoint(clean, omniglot_
     assert [s for p, s in applied_steps if p == first] == [1, 2, 3]
     assert [s for p, s in applied_steps if p == second] == [3, 4, 5]
     assert_same(weights, clean[2])
+    # Step 3, applied twice (once per server), reached the tracker once, with the clean run's values.
+    assert [s for s, _ in logged] == [1, 2, 3, 4, 5]
+    for (_, m), (_, c) in zip(logged, clean[4]):
+        assert m["train/loss"] == pytest.approx(c["train/loss"], rel=1e-5)
 
 
 def test_async_mode_applies_fresh_pushes_and_drops_stale_ones(omniglot_store, tmp_path):
