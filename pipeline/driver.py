@@ -335,12 +335,16 @@ def train(config_path: str | None, overrides: list[str] = (), *, out: str | None
             start = engine.ps_status()["version"] + 1
             if resume:
                 print(f"metatrain: resuming run {resume} at step {start}", file=sys.stderr)
-                # Metrics a killed driver had buffered: steps up to the checkpoint are not recomputed, so send
-                # them from its journal; later steps are logged again as they are recomputed.
-                tracker.replay_journal(through_step=start - 1)
+                # Metrics a killed driver had buffered but not sent: all of them go from its journal.
+                tracker.replay_journal()
             # The image shape goes into every checkpoint: predict can then rebuild the model without the store.
             ray.get(engine.ps.set_extra.remote(run_id=tracker.run_id, image_shape=image_shape(cfg)))
             trainer = Trainer(cfg, engine, tracker, out_dir, quiet=quiet)
+            if resume:
+                # Steps after the checkpoint that the killed driver had logged are redone (to the same values in
+                # sync mode) but not logged again. time/step_s and val/loss are logged at every train/val step.
+                trainer.logged_through = tracker.last_step("time/step_s")
+                trainer.validated_through = tracker.last_step("val/loss")
             try:
                 last = trainer.run(start)
             except KeyboardInterrupt:

@@ -471,6 +471,7 @@ class RunTracker:
         self._staging: Path | None = None
         self._journal = None  # the open write-ahead journal of buffered metrics (with a spill_dir)
         self._journal_backlog: list = []  # a killed session's journal entries, until replay_journal() decides
+        self._replayed_steps: dict[str, int] = {}  # key -> highest step replay_journal() put on its way to the store
 
         self._failures = 0  # consecutive failed sends
         self._retry_at = 0.0  # monotonic time before which the background thread does not retry
@@ -1151,6 +1152,8 @@ class RunTracker:
         backlog, self._journal_backlog = self._journal_backlog, []
         if through_step is not None:
             backlog = [m for m in backlog if m.step <= through_step]
+        for m in backlog:  # in the store already or about to be: last_step() counts them as logged
+            self._replayed_steps[m.key] = max(self._replayed_steps.get(m.key, 0), m.step)
         if not backlog:
             return 0
         have: set = set()
@@ -1170,6 +1173,19 @@ class RunTracker:
             _warn(f"resending {len(missing)} metrics that a killed session logged but had not sent")
             self._wake.set()
         return len(missing)
+
+    def last_step(self, *keys: str) -> int:
+        """The highest step at which this run holds any of ``keys``, in the store or in a journal that
+        :meth:`replay_journal` is sending (0 if none): a resumed trainer logs only later steps, so the steps it
+        redoes after its checkpoint do not reach the run twice."""
+        best = max((self._replayed_steps.get(k, 0) for k in keys), default=0)
+        try:
+            for key in keys:
+                best = max([best, *(h.step for h in self._client.get_metric_history(self._run_id, key))])
+        except Exception as e:
+            _warn(f"cannot read run {self._run_id}'s {', '.join(keys)} history ({_one_line(e)}); steps redone "
+                  "after the checkpoint may be logged twice")
+        return best
 
     def _atexit(self) -> None:
         if self._started and not self._ended:

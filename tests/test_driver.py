@@ -125,6 +125,9 @@ def test_resume_continues_the_same_run_to_the_same_parameters(omniglot_store, tm
     (killed,) = client.search_runs([client.get_experiment_by_name("metatrain").experiment_id])
     assert killed.info.status == "KILLED"
     assert load_checkpoint(sorted((tmp_path / "part" / "checkpoints").glob("ckpt-*.pt"))[-1])["step"] == 4
+    # As if the driver had died between its checkpoints: the newest is step 2, so steps 3-4 are redone, but they
+    # reach the run once.
+    (tmp_path / "part" / "checkpoints" / "ckpt-00000004.pt").unlink()
 
     resumed = train(None, out=str(tmp_path / "part"), resume=killed.info.run_id, quiet=True)
     assert resumed.run_id == killed.info.run_id and resumed.final_step == 6

@@ -398,6 +398,27 @@ def test_journal_replay_skips_what_the_store_already_has(uri, tmp_path):
     assert history(uri, t.run_id, "m") == [(s, float(s)) for s in range(4)]
 
 
+def test_last_step_counts_the_store_and_the_replayed_journal(uri, tmp_path):
+    from mlflow.entities import Metric
+
+    from pipeline.tracking import _metric_line
+
+    t = tracker(uri, spill_dir=tmp_path / "spill").start()
+    for step in range(1, 4):
+        t.log_metrics({"time/step_s": 0.5, "val/loss": 1.0 / step}, step=step)
+    t.end()
+    # A killed session's journal holding steps 4 and 5, which never reached the store.
+    journal = tmp_path / "spill" / f"journal-{t.run_id}.jsonl"
+    journal.write_text("".join(_metric_line(Metric("time/step_s", 0.5, 1_700_000_000_000 + s, s)) for s in (4, 5)))
+    again = tracker(uri, run_id=t.run_id, spill_dir=tmp_path / "spill").start()
+    assert again.last_step("time/step_s") == 3  # a journal counts once replay_journal has taken it
+    assert again.replay_journal() == 2
+    assert again.last_step("time/step_s") == 5 and again.last_step("val/loss") == 3
+    assert again.last_step("nothing/here") == 0
+    again.end()
+    assert sorted(s for s, _ in history(uri, t.run_id, "time/step_s")) == [1, 2, 3, 4, 5]
+
+
 def test_unknown_run_id_is_a_tracking_error(uri):
     with pytest.raises(TrackingError) as ei:
         tracker(uri, run_id="0123456789abcdef0123456789abcdef").start()
