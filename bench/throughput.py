@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import platform
 import statistics
 import sys
@@ -227,7 +228,8 @@ def main() -> None:
     default = "batched" if gpu else "loop"  # what algorithm.task_batching=auto picks on this device
     ray.init(num_cpus=2, num_gpus=1 if gpu else 0, include_dashboard=False, log_to_driver=False)
     where = f"{torch.cuda.get_device_name(0)}, " if gpu else ""
-    print(f"{where}{platform.machine()}, 2 cores; torch {torch.__version__}, ray {ray.__version__}; Omniglot 5w1s15q, "
+    print(f"{where}{platform.machine()}, {os.cpu_count()} cores (Ray given 2); torch {torch.__version__}, "
+          f"ray {ray.__version__}; Omniglot 5w1s15q, "
           f"meta-batch {args.meta_batch}, 1 torch thread, 1 worker; median step over {args.rounds} rounds x "
           f"{args.steps} steps (batched: {args.batched_steps}); tasks/s = meta-batch / step s")
     print()

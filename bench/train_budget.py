@@ -34,7 +34,7 @@ from pipeline.driver import train  # noqa: E402
 PUBLISHED = {"maml": (98.7, "Finn et al. 2017"), "fomaml": (98.3, "Finn et al. 2017"),
              "reptile": (97.68, "Nichol et al. 2018, transductive"), "protonet": (98.8, "Snell et al. 2017"),
              "matching": (98.1, "Vinyals et al. 2016"), "memory": (98.4, "Kaiser et al. 2017"),
-             "relation": (99.6, "Sung et al. 2018"), "siamese": (float("nan"), "Koch et al. 2015: 92.0 at 20-way")}
+             "relation": (99.6, "Sung et al. 2018"), "siamese": (float("nan"), "Koch et al. 2015: 92.0% at 20-way")}
 # The papers' Omniglot accuracies by (ways, shots) where they report more than 5w1s (%).
 PUBLISHED_BY_TASK = {"protonet": {(5, 1): 98.8, (5, 5): 99.7, (20, 1): 96.0, (20, 5): 98.9},
                      "matching": {(5, 1): 98.1, (5, 5): 98.9, (20, 1): 93.8, (20, 5): 98.5},
@@ -146,7 +146,8 @@ def main() -> None:
         paper = PUBLISHED_BY_TASK.get(algo, {}).get((args.ways, args.shots),
                                                     paper if (args.ways, args.shots) == (5, 1) else float("nan"))
         print(f"| {algo} | {args.ways}w{args.shots}s | {args.minutes:g} min | {result.final_step} | "
-              f"{wall:.0f} | {100 * s['accuracy']:.2f} ± {100 * s['ci95']:.2f}% | {paper}% ({source}) |")
+              f"{wall:.0f} | {100 * s['accuracy']:.2f} ± {100 * s['ci95']:.2f}% | "
+              f"{'-' if paper != paper else f'{paper}%'} ({source}) |")  # paper != paper: NaN, none at this task
     for algo, (config, result, _, out) in zip(algos, runs):
         print(f"{algo}: config {config.name}, run {result.run_id} in {out}")
 

@@ -3,6 +3,7 @@ learner end to end through `metatrain train` with 2 Ray workers and MLflow."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -85,6 +86,19 @@ def test_relation_scores_are_in_the_unit_interval():
     loss, rel = get_algorithm("relation").scores(params_of(net), ep, AlgorithmConfig(name="relation"), net)
     assert rel.shape == (6, 3) and ((rel >= 0) & (rel <= 1)).all()
     torch.testing.assert_close(loss, F.mse_loss(rel, F.one_hot(ep.query_y, 3).float()))
+
+
+def test_relation_class_map_is_the_mean_so_repeated_shots_change_nothing():
+    """K copies of each support image give the 1-shot scores: a class map does not grow with the shots. (The queries
+    are repeated too, so that the episode's batch-norm statistics, which the embedding uses, stay the same.)"""
+    torch.manual_seed(0)
+    net, ep = RelationNetwork(hidden=8), episode(2)
+    five = dataclasses.replace(ep, support_x=ep.support_x.repeat(5, 1, 1, 1), support_y=ep.support_y.repeat(5),
+                               query_x=ep.query_x.repeat(5, 1, 1, 1), query_y=ep.query_y.repeat(5))
+    algo, cfg = get_algorithm("relation"), AlgorithmConfig(name="relation")
+    _, one_shot = algo.scores(params_of(net), ep, cfg, net)
+    _, five_shot = algo.scores(params_of(net), five, cfg, net)
+    torch.testing.assert_close(five_shot[:len(ep.query_y)], one_shot, rtol=1e-4, atol=1e-5)
 
 
 def test_siamese_score_is_symmetric_and_predicts_the_best_match():

@@ -1,7 +1,11 @@
 """Relation Networks (Sung et al. 2018): a learned similarity between a query and each class.
 
-Feature maps of the support images of a class are summed (K-shot) into one map per class; each (query, class) pair of
-maps is concatenated along channels and scored by the relation module, r in [0, 1]; loss = MSE against 1[y = c].
+Feature maps of the support images of a class are averaged (K-shot) into one map per class; each (query, class) pair
+of maps is concatenated along channels and scored by the relation module, r in [0, 1]; loss = MSE against 1[y = c].
+
+The paper sums the K maps and trains one model per K. The mean is the same at 1-shot and keeps a class map's scale
+independent of K, so that a model trained 1-shot can be tested 5-shot: with the sum, a 40-minute 5w1s model scored
+61.06% at 5w5s and 28.49% at 20w5s (its maps five times larger than any it was trained on) against 97.76% at 5w1s.
 
     >>> grads, metrics = relation.meta_gradient(params, episode, AlgorithmConfig(name="relation"), RelationNetwork())
 """
@@ -26,7 +30,7 @@ def scores(params: Params, episode: Episode, cfg: AlgorithmConfig, model: nn.Mod
     ways = check_episode(NAME, model, episode)
     support, query = embed_episode(model, params, episode)  # (n, C, h, w), (m, C, h, w)
     onehot = F.one_hot(episode.support_y, ways).to(support.dtype)
-    classes = torch.einsum("nc,nkhw->ckhw", onehot, support)  # per-class sum of the support maps
+    classes = torch.einsum("nc,nkhw->ckhw", onehot / onehot.sum(0), support)  # per-class mean of the support maps
     m = query.shape[0]
     pairs = torch.cat([classes.unsqueeze(0).expand(m, *classes.shape),
                        query.unsqueeze(1).expand(m, ways, *query.shape[1:])], dim=2)
