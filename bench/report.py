@@ -74,7 +74,9 @@ def run(name: str) -> str:
     proc = subprocess.run([sys.executable, *cmd], cwd=REPO, capture_output=True, text=True)
     wall = time.monotonic() - t0
     # Keep what the script printed on stdout: its tables and notes (progress and library chatter go to stderr).
-    body = proc.stdout.strip() or "(no output)"
+    # Ray's raylet writes its notices of the workers a fault benchmark kills to the driver's stdout: not results.
+    body = "\n".join(line for line in proc.stdout.strip().splitlines() if "(raylet)" not in line).strip()
+    body = body or "(no output)"
     status = "" if proc.returncode == 0 else \
         f"\n\n**exit code {proc.returncode}**; the end of its stderr:\n\n```\n{proc.stderr.strip()[-2000:]}\n```"
     return f"## {name}\n\n{what}. `python {' '.join(cmd)}`, {wall / 60:.1f} min.\n\n{body}{status}\n"

@@ -90,6 +90,13 @@ def run_parallel(jobs: list[tuple[str, list[str]]], args) -> list[tuple]:
     return results
 
 
+def result_workers(runs) -> int:
+    """The worker count the first run trained with, from the resolved config.yaml the driver wrote to its folder."""
+    import yaml
+
+    return yaml.safe_load((Path(runs[0][-1]) / "config.yaml").read_text())["workers"]["count"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--algo", default="fomaml", help="an algorithm, or several separated by commas")
@@ -112,7 +119,9 @@ def main() -> None:
             runs = [("MANN (LRUA)", *run("mann", args, []))]
             if not args.no_baseline:
                 runs.append(("LSTM", *run("mann", args, ["model.name=lstm"])))
-        how = "at once, 1 worker each" if args.parallel else "one after the other, 2 workers each"
+        workers = result_workers(runs)
+        how = (f"at once, {workers} worker(s) each" if args.parallel and len(runs) > 1 else
+               f"one after the other, {workers} worker(s) each" if len(runs) > 1 else f"{workers} worker(s)")
         print(f"\n{head}; {args.ways} classes x 10 instances, {args.minutes:g} min each ({how}), 600 test episodes "
               f"of the evaluation alphabets; {' '.join(args.overrides)}\n")
         print("| model | steps | wall s | " + " | ".join(f"inst {k}" for k in INSTANCES) + " | all steps |")
