@@ -1143,15 +1143,13 @@ class RunTracker:
             except OSError:
                 pass
 
-    def replay_journal(self, through_step: int | None = None) -> int:
+    def replay_journal(self) -> int:
         """Resend what a killed session had logged but not delivered (its journal); returns how many entries.
 
-        Entries the store already holds (same key, step and timestamp) are skipped, so nothing is logged twice;
-        so are entries after ``through_step``: a resumed training run recomputes those steps and logs them again.
+        Entries the store already holds (same key, step and timestamp) are skipped, so nothing is logged twice. A
+        resumed trainer then logs only the steps after :meth:`last_step`, which counts the replayed entries.
         """
         backlog, self._journal_backlog = self._journal_backlog, []
-        if through_step is not None:
-            backlog = [m for m in backlog if m.step <= through_step]
         for m in backlog:  # in the store already or about to be: last_step() counts them as logged
             self._replayed_steps[m.key] = max(self._replayed_steps.get(m.key, 0), m.step)
         if not backlog:

@@ -367,10 +367,11 @@ def test_metrics_buffered_by_a_killed_process_are_replayed_once_on_resume(uri, t
     assert sorted({json.loads(x)["step"] for x in journal.read_text().splitlines()}) == [5, 6, 7, 8, 9]
 
     again = tracker(uri, run_id=run_id, spill_dir=spill).start()
-    # A resumed training run recomputes the steps after its checkpoint (here 7): only 5-7 come from the journal.
-    assert again.replay_journal(through_step=7) == 6  # 3 steps x 2 metrics
-    assert again.replay_journal(through_step=7) == 0  # a second call has nothing left to send
-    for step in range(8, 12):
+    assert again.replay_journal() == 10  # steps 5-9 x 2 metrics
+    assert again.replay_journal() == 0  # a second call has nothing left to send
+    # A resumed trainer redoes the steps after its checkpoint (say 7) but logs only those after the run's last one.
+    assert again.last_step("train/loss") == 9
+    for step in range(10, 12):
         again.log_metrics({"train/loss": float(step), "train/acc": step / 10}, step=step)
     assert again.flush()
     assert journal.read_text() == ""  # cut once everything it held reached the store
@@ -378,7 +379,7 @@ def test_metrics_buffered_by_a_killed_process_are_replayed_once_on_resume(uri, t
     assert history(uri, run_id, "train/loss") == [(s, float(s)) for s in range(12)]  # each step exactly once
     assert history(uri, run_id, "train/acc") == [(s, s / 10) for s in range(12)]
     assert not journal.exists() and (spill / f"journal-{run_id}.jsonl.replayed").is_file()
-    assert "resending 6 metrics that a killed session logged" in capsys.readouterr().err
+    assert "resending 10 metrics that a killed session logged" in capsys.readouterr().err
 
 
 def test_journal_replay_skips_what_the_store_already_has(uri, tmp_path):
