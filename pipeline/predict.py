@@ -30,7 +30,7 @@ from pipeline.components import build_model
 from pipeline.config import Config, config_from_dict
 from tasks.episode import Episode
 from tasks.errors import DataError, MetatrainError
-from tasks.sources import IMAGE_SUFFIXES, RawClass, decode_class
+from tasks.sources import IMAGE_SUFFIXES, RawClass, decode_class, unit_pixels
 from tasks.store import read_manifest
 
 INNER_LOOP = ("maml", "fomaml", "reptile", "metasgd", "anil")
@@ -50,7 +50,7 @@ class Prediction:
 def _images(files: list[Path], root: Path, size: int, channels: int, invert: bool) -> torch.Tensor:
     raw = RawClass("predict", "", root.name, tuple(str(f) for f in files), tuple(range(len(files))),
                    tuple(f.read_bytes() for f in files))
-    return decode_class(raw, size, channels, invert).float().div_(255.0)
+    return unit_pixels(decode_class(raw, size, channels, invert))
 
 
 def read_task(support: Path, query: Path, shape: tuple[int, int, int], invert: bool

@@ -25,6 +25,7 @@ import torch
 
 from tasks.episode import Episode, SequenceEpisode
 from tasks.errors import EpisodeError
+from tasks.sources import unit_pixels
 from tasks.splits import is_training_split, resolve_split
 from tasks.store import TaskStore
 
@@ -93,7 +94,7 @@ class _ClassPool:
                 sel = turns == k
                 if bool(sel.any()):
                     x[sel] = torch.rot90(x[sel], k, dims=(-2, -1))
-        return x.to(torch.float32).div_(255.0)
+        return unit_pixels(x)
 
 
 class EpisodeSampler:

@@ -140,6 +140,23 @@ def iter_imagefolder(source: Path, split: str) -> Iterator[RawClass]:
                        tuple(range(1, len(files) + 1)), tuple(p.read_bytes() for p in files))
 
 
+# i / 255 for every uint8 value, as the CPU's float32 division rounds it. Why a table and not ``x / 255``: CUDA
+# divides a tensor by a scalar by multiplying with its reciprocal, which rounds 126 of the 256 values one ulp
+# differently, so a GPU worker's episodes (and from there its gradients) would differ from a CPU worker's in the last
+# bit. A gather from this table gives the same floats on every device.
+_UNIT = torch.arange(256, dtype=torch.float32) / 255
+_UNIT_ON: dict[torch.device, torch.Tensor] = {}
+
+
+def unit_pixels(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float32 in [0, 1] (value / 255), bit-identical on every device."""
+    if x.dtype != torch.uint8:
+        raise TypeError(f"unit_pixels: expected uint8 images, got {x.dtype}")
+    if x.device not in _UNIT_ON:
+        _UNIT_ON[x.device] = _UNIT.to(x.device)
+    return _UNIT_ON[x.device][x.to(torch.int64)]
+
+
 def decode_class(raw: RawClass, size: int, channels: int, invert: bool) -> torch.Tensor:
     """Decode and resize all images of a class to ``(n, channels, size, size)`` uint8, antialiased.
 

@@ -19,6 +19,7 @@ from pipeline.algorithms import init_params
 from pipeline.components import build_model, image_shape
 from pipeline.config import load_config
 from pipeline.worker import TaskWorkerCore
+from tasks.sources import unit_pixels
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -44,6 +45,13 @@ def assert_close_relative(got: dict, want: dict, tol: float) -> None:
         errors[k] = float((got[k] - want[k]).norm() / want[k].norm().clamp_min(1e-12))
     worst = max(errors, key=errors.get)
     assert errors[worst] < tol, f"{worst}: relative error {errors[worst]:.2e} (all: {errors})"
+
+
+def test_gpu_pixels_are_the_cpu_pixels():
+    """CUDA's tensor / scalar multiplies by the reciprocal (126 of the 256 values come out one ulp off); the
+    samplers' table lookup must not."""
+    x = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(unit_pixels(x.cuda()).cpu(), unit_pixels(x))
 
 
 def test_the_gpu_store_gives_the_cpu_episodes(omniglot_store):

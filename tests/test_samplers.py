@@ -15,6 +15,7 @@ from conftest import REPO, write_tiny_omniglot
 from tasks.errors import EpisodeError
 from tasks.prepare import prepare_omniglot
 from tasks.samplers import EpisodeSampler, SequenceEpisodeSampler, SinusoidSampler
+from tasks.sources import unit_pixels
 from tasks.splits import resolve_split
 from tasks.store import TaskStore
 
@@ -50,6 +51,18 @@ def test_episode_layout_and_content(store):
         matches = [int(((own - img).abs().flatten(1).amax(1) == 0).nonzero()[0]) for img in imgs]
         assert len(set(matches)) == 5
     assert ep.key == (0, 7, 1)
+
+
+def test_pixels_are_value_over_255_correctly_rounded():
+    """Every uint8 value maps to the float32 nearest v / 255 (what the CPU's division gives; tests/test_gpu.py checks
+    that a GPU gets the same floats), in any shape; anything but uint8 is refused."""
+    x = torch.arange(256, dtype=torch.uint8).reshape(4, 1, 8, 8)
+    got = unit_pixels(x)
+    assert got.dtype == torch.float32 and got.shape == x.shape
+    assert got.flatten().tolist() == [float(np.float32(v / 255)) for v in range(256)]
+    assert torch.equal(got, x.float() / 255)
+    with pytest.raises(TypeError, match="uint8"):
+        unit_pixels(x.float())
 
 
 def test_same_key_same_episode_other_keys_differ(store):
