@@ -80,6 +80,25 @@ def test_matching_attention_sums_to_one_and_fce_changes_the_embeddings():
     assert torch.allclose(log_probs.exp().sum(-1), torch.ones(len(ep.query_y)), atol=1e-5)
 
 
+def test_matching_attention_is_the_softmax_of_scaled_cosines_summed_per_class():
+    """P(y=c | x) = sum over c's support items of softmax_i(s cos(f(x), f(x_i))), s = algorithm.cosine_scale; s = 1
+    is the paper's attention, and a larger s only sharpens it (the argmax, so the accuracy, is the same)."""
+    torch.manual_seed(0)
+    net, ep = MatchingNetwork(hidden=8), episode(1)
+    feats = net(torch.cat([ep.support_x, ep.query_x]))
+    cos = cosine(feats[len(ep.support_y):], feats[:len(ep.support_y)])  # (queries, supports)
+    onehot = F.one_hot(ep.support_y, 3).float()
+    for scale in (1.0, 10.0):
+        loss, log_probs = get_algorithm("matching").scores(params_of(net), ep, AlgorithmConfig(
+            name="matching", cosine_scale=scale), net)
+        expected = torch.softmax(scale * cos, dim=-1) @ onehot
+        torch.testing.assert_close(log_probs.exp(), expected)
+        torch.testing.assert_close(loss, F.nll_loss(expected.log(), ep.query_y))
+    # Two perfect matches: the cosines (1, -1) give 0.88 at s = 1 and all but 2e-9 at s = 10.
+    a = attention(torch.tensor([[1.0, 0.0]]), torch.tensor([[2.0, 0.0], [-1.0, 0.0]]), 10.0)
+    torch.testing.assert_close(a, torch.softmax(torch.tensor([[10.0, -10.0]]), -1))
+
+
 def test_relation_scores_are_in_the_unit_interval():
     torch.manual_seed(0)
     net, ep = RelationNetwork(hidden=8), episode(2)

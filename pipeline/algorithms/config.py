@@ -78,7 +78,8 @@ class AlgorithmConfig:
     distance: str = "euclidean"
     """protonet: squared 'euclidean' distance to the prototypes (the paper's) or 'cosine' similarity."""
     cosine_scale: float = 10.0
-    """protonet with cosine: logits = scale * cos (a cosine in [-1, 1] is too flat a softmax input on its own)."""
+    """protonet with cosine, and matching's attention: scale * cos (a cosine in [-1, 1] is too flat a softmax input on
+    its own); 1 is Vinyals et al.'s attention as printed."""
     check_finite: bool = True
     """Raise NonFiniteGradientError on a NaN/Inf gradient, naming the step and parameter (one sync per task)."""
 

@@ -1,6 +1,10 @@
 """Matching Networks (Vinyals et al. 2016): attention over the labelled support set.
 
-a(x, x_i) = softmax_i(cos(f(x), g(x_i))); P(y | x) = sum_i a(x, x_i) y_i (one-hot y_i); loss = NLL of the queries.
+a(x, x_i) = softmax_i(s cos(f(x), g(x_i))); P(y | x) = sum_i a(x, x_i) y_i (one-hot y_i); loss = NLL of the queries.
+s is ``algorithm.cosine_scale`` (default 10; the paper's equation is s = 1). Why scale: a cosine lies in [-1, 1], so
+with s = 1 even a perfect 5-way 1-shot match (cosine 1, the others -1) gets at most e / (e + 4 e^-1) = 0.65 of the
+attention, 0.40 with the others at 0. No query's loss can fall below -log 0.65 = 0.43, so the queries already right
+never stop pulling on the embedding. ProtoNet's cosine option scales by the same field.
 With ``model.fce: true``, g is a bidirectional LSTM over the support embeddings (plus a skip) and f an attention
 LSTM with ``model.fce_read_steps`` reads of g(S) (see models/metric.py: MatchingNetwork).
 
@@ -22,19 +26,19 @@ from tasks.episode import Episode
 NAME = "matching"
 
 
-def attention(query: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
-    """a(x, x_i) = softmax_i(cos(f(x), g(x_i))): ``(queries, supports)``, rows summing to 1."""
-    return torch.softmax(cosine(query, support), dim=-1)
+def attention(query: torch.Tensor, support: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """a(x, x_i) = softmax_i(scale cos(f(x), g(x_i))): ``(queries, supports)``, rows summing to 1."""
+    return torch.softmax(scale * cosine(query, support), dim=-1)
 
 
-def scores(params: Params, episode: Episode, cfg: AlgorithmConfig, model: nn.Module  # noqa: ARG001
+def scores(params: Params, episode: Episode, cfg: AlgorithmConfig, model: nn.Module
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """(NLL of the queries, log P(y | x) ``(queries, ways)``)."""
     ways = check_episode(NAME, model, episode)
     support, query = embed_episode(model, params, episode)
     g = call(model, params, "context_support", support)
     f = call(model, params, "context_query", query, g)
-    probs = attention(f, g) @ F.one_hot(episode.support_y, ways).to(f.dtype)
+    probs = attention(f, g, cfg.cosine_scale) @ F.one_hot(episode.support_y, ways).to(f.dtype)
     log_probs = probs.clamp(min=1e-12).log()
     return F.nll_loss(log_probs, episode.query_y), log_probs
 
