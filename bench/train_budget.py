@@ -116,7 +116,9 @@ def main() -> None:
             both = run_parallel([("mann", []), ("mann", ["model.name=lstm"])], args)
             runs = [("MANN (LRUA)", *both[0]), ("LSTM", *both[1])]
         else:
-            runs = [("MANN (LRUA)", *run("mann", args, []))]
+            # --no-baseline --set model.name=lstm trains the baseline on its own: name its row by what ran.
+            first = "LSTM" if "model.name=lstm" in args.overrides else "MANN (LRUA)"
+            runs = [(first, *run("mann", args, []))]
             if not args.no_baseline:
                 runs.append(("LSTM", *run("mann", args, ["model.name=lstm"])))
         workers = result_workers(runs)
