@@ -1,4 +1,10 @@
-"""Workers keep freed memory for reuse (``workers.keep_freed_memory``): the same allocations stop faulting pages."""
+"""Workers keep freed memory for reuse (``workers.keep_freed_memory``): a freed activation stays in the process.
+
+Why this and not a page-fault count: the fault count of repeated allocations also moves with the kernel's own
+reclaim and huge-page work on a shared VM (on this host the same probe gave 0 to 24,576 faults with memory kept,
+from one run to the next), while what ``keep_freed_memory`` changes, glibc giving a freed block back to the kernel
+or not, is exact: it shows in the resident set at once.
+"""
 
 from __future__ import annotations
 
@@ -8,28 +14,33 @@ import sys
 import pytest
 
 PROBE = """
-import resource, sys, torch
+import os, sys, torch
 if sys.argv[1] == "keep":
     from pipeline.worker import keep_freed_memory
     assert keep_freed_memory()
-for _ in range(3):  # warm-up: the heap grows to its peak once
-    x = torch.ones(4 << 20); del x
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(50):  # a task's activations: allocated, used, freed, again
-    x = torch.ones(4 << 20); del x
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+page = os.sysconf("SC_PAGE_SIZE")
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * page
+before = rss()
+x = torch.ones(4 << 20); during = rss(); del x   # a task's 16 MiB activation: every page written, then freed
+print((during - before) >> 20, (rss() - before) >> 20)
 """
 
 
-def faults(mode: str) -> int:
+def resident_mib(mode: str) -> tuple[int, int]:
+    """RSS growth (MiB) while a 16 MiB tensor lives, and after it is freed."""
     out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip())
+    during, after = map(int, out.stdout.split())
+    return during, after
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
-def test_keeping_freed_memory_removes_the_page_faults_of_repeated_allocations():
-    default, kept = faults("default"), faults("keep")
-    # 16 MiB tensors: by default glibc gives the freed heap top back to the kernel (trim), so later uses fault
-    # pages in again (measured ~20,000 faults here); kept, the heap stays at its peak and nothing faults.
-    assert default > 5000, default
-    assert kept < default / 20, (kept, default)
+def test_keeping_freed_memory_keeps_a_freed_block_for_the_next_task():
+    during, after = resident_mib("default")
+    # glibc serves a first 16 MiB block with mmap (above its initial 128 KiB threshold) and unmaps it on free: the
+    # next task faults all 4,096 pages in again.
+    assert during >= 15 and after <= 4, (during, after)
+    during, after = resident_mib("keep")
+    # Kept: the block stays resident after the free, for the next task to reuse.
+    assert during >= 15 and after >= 15, (during, after)
