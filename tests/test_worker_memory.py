@@ -15,6 +15,7 @@ import pytest
 
 PROBE = """
 import os, sys, torch
+torch.set_num_threads(1)  # a worker's setting; and no thread pool starting up inside the measurement
 if sys.argv[1] == "keep":
     from pipeline.worker import keep_freed_memory
     assert keep_freed_memory()
@@ -40,7 +41,8 @@ def test_keeping_freed_memory_keeps_a_freed_block_for_the_next_task():
     during, after = resident_mib("default")
     # glibc serves a first 16 MiB block with mmap (above its initial 128 KiB threshold) and unmaps it on free: the
     # next task faults all 4,096 pages in again.
-    assert during >= 15 and after <= 4, (during, after)
+    # (Relative to the peak: anything else the process allocates meanwhile moves both numbers alike.)
+    assert during >= 15 and after <= during - 12, (during, after)
     during, after = resident_mib("keep")
     # Kept: the block stays resident after the free, for the next task to reuse.
-    assert during >= 15 and after >= 15, (during, after)
+    assert during >= 15 and after >= during - 4, (during, after)
