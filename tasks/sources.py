@@ -143,7 +143,7 @@ def iter_imagefolder(source: Path, split: str) -> Iterator[RawClass]:
 # i / 255 for every uint8 value, as the CPU's float32 division rounds it. Why a table and not ``x / 255``: CUDA
 # divides a tensor by a scalar by multiplying with its reciprocal, which rounds 126 of the 256 values one ulp
 # differently, so a GPU worker's episodes (and from there its gradients) would differ from a CPU worker's in the last
-# bit. A gather from this table gives the same floats on every device.
+# bit. A gather from this table gives the GPU the CPU's floats.
 _UNIT = torch.arange(256, dtype=torch.float32) / 255
 _UNIT_ON: dict[torch.device, torch.Tensor] = {}
 
@@ -152,6 +152,8 @@ def unit_pixels(x: torch.Tensor) -> torch.Tensor:
     """uint8 images -> float32 in [0, 1] (value / 255), bit-identical on every device."""
     if x.dtype != torch.uint8:
         raise TypeError(f"unit_pixels: expected uint8 images, got {x.dtype}")
+    if x.device.type == "cpu":  # the CPU divides exactly (the table's own values), ~18x faster than the gather
+        return x.to(torch.float32).div_(255.0)
     if x.device not in _UNIT_ON:
         _UNIT_ON[x.device] = _UNIT.to(x.device)
     return _UNIT_ON[x.device][x.to(torch.int64)]

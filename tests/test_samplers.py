@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import REPO, write_tiny_omniglot
 
+from tasks import sources
 from tasks.errors import EpisodeError
 from tasks.prepare import prepare_omniglot
 from tasks.samplers import EpisodeSampler, SequenceEpisodeSampler, SinusoidSampler
@@ -61,6 +62,7 @@ def test_pixels_are_value_over_255_correctly_rounded():
     assert got.dtype == torch.float32 and got.shape == x.shape
     assert got.flatten().tolist() == [float(np.float32(v / 255)) for v in range(256)]
     assert torch.equal(got, x.float() / 255)
+    assert torch.equal(sources._UNIT, got.flatten())  # the table a GPU gathers from holds the same floats
     with pytest.raises(TypeError, match="uint8"):
         unit_pixels(x.float())
 
