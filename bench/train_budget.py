@@ -90,6 +90,37 @@ def run_parallel(jobs: list[tuple[str, list[str]]], args) -> list[tuple]:
     return results
 
 
+def paired_differences(a: Path, b: Path, columns: list[str]) -> dict[str, tuple[float, float]]:
+    """{column: (mean of a - b, its 95% CI)} over the episodes both eval_tasks.parquet files scored.
+
+    The two runs are tested on the same episodes (a task is a pure function of (eval seed, step, slot)), so the
+    per-episode difference removes the episodes' shared difficulty: its CI is narrower than the two runs' CIs
+    side by side. Rows are matched on (step, slot), not on file order; files that scored different episodes are
+    an error, not a comparison.
+    """
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from pipeline.retrain import ci95
+
+    tables, counts = {}, {}
+    for path in (a, b):
+        rows = pq.read_table(path).to_pylist()
+        missing = [c for c in ("step", "slot", *columns) if rows and c not in rows[0]]
+        if not rows or missing:
+            raise ValueError(f"{path}: {'no rows' if not rows else 'no column ' + ', '.join(missing)}")
+        tables[path], counts[path] = {(r["step"], r["slot"]): r for r in rows}, len(rows)
+    keys = sorted(tables[a])
+    if set(keys) != set(tables[b]) or counts[a] != len(keys) or counts[b] != len(keys):
+        raise ValueError(f"{a} and {b} scored different episodes ((step, slot) pairs differ or repeat): "
+                         "not a paired comparison")
+    out = {}
+    for c in columns:
+        d = np.array([tables[a][k][c] - tables[b][k][c] for k in keys], dtype=np.float64)
+        out[c] = (float(d.mean()), ci95(d))
+    return out
+
+
 def result_workers(runs) -> int:
     """The worker count the first run trained with, from the resolved config.yaml the driver wrote to its folder."""
     import yaml
@@ -133,6 +164,14 @@ def main() -> None:
             cells = " | ".join(f"{100 * s['instance_accuracy'][k]:.1f} ± {100 * s['instance_ci95'][k]:.1f}"
                                for k in INSTANCES if k in s["instance_accuracy"])
             print(f"| {name} | {result.final_step} | {wall:.0f} | {cells} | {100 * s['accuracy']:.1f} |")
+        if len(runs) == 2:
+            # Same 600 test episodes for both: the per-episode difference is the sharper comparison.
+            shown = runs[0][2].summary["instance_accuracy"]
+            cols = [f"inst{k}_acc" for k in INSTANCES if k in shown] + ["query_acc"]
+            a, b = (Path(r[-1]) / "eval_tasks.parquet" for r in runs)
+            diff = paired_differences(a, b, cols)
+            print(f"| {runs[0][0]} - {runs[1][0]}, paired | - | - | "
+                  + " | ".join(f"{100 * diff[c][0]:+.2f} ± {100 * diff[c][1]:.2f}" for c in cols) + " |")
         for name, values in PUBLISHED_MANN.items():
             if args.ways == 5:
                 print(f"| {name}, Santoro et al. 2016 | - | - | " + " | ".join(f"{v}" for v in values) + " | - |")
