@@ -78,6 +78,13 @@ class TaskWorkerCore:
         if cfg.workers.keep_freed_memory:
             keep_freed_memory()
         self.device = torch.device(device) if device is not None else pick_device(cfg.workers.gpus)
+        if self.device.type == "cuda":
+            # A task is a pure function of (seed, step, slot), and so must its gradient be: by default cuDNN may
+            # pick convolution-gradient algorithms that sum in a run-dependent order. On an H200, five calls on the
+            # same weights and slots gave different gradients in 14 of MAML's 14 tensors (loop), 9 of 12 of
+            # Matching's; deterministic, none, at -6% to +21% per call (2026-11-26; README, GPU). Process-wide, and a
+            # worker owns its process.
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
         self.store = place_store(open_store(cfg), self.device)
         self.model = build_model(cfg, image_shape(cfg)).to(self.device)
         self.algorithm = get_algorithm(cfg.algorithm.name)

@@ -97,3 +97,19 @@ def test_gpu_evaluation_scores_the_same_tasks_as_the_cpu(omniglot_store):
         assert a.keys() == b.keys()
         for k in a:
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), (a["slot"], k)
+
+
+@pytest.mark.parametrize("algo,batching", [("maml", "loop"), ("maml", "batched"), ("matching", "batched"),
+                                           ("relation", "batched"), ("siamese", "batched")])
+def test_a_gpu_worker_computes_the_same_meta_gradient_every_time(omniglot_store, algo, batching):
+    """Same weights, same slots: bit-identical gradients on every call (cuDNN in deterministic mode)."""
+    cfg = config(omniglot_store, algo, batching)
+    torch.manual_seed(0)
+    weights = init_params(build_model(cfg, image_shape(cfg)), cfg.algorithm)
+    gpu = TaskWorkerCore(cfg)
+    assert torch.backends.cudnn.deterministic
+    first = gpu.compute(3, 0, weights, [[0, 1, 2, 3], [4, 5, 6, 7]])[1]
+    for _ in range(3):
+        again = gpu.compute(3, 0, weights, [[0, 1, 2, 3], [4, 5, 6, 7]])[1]
+        for k in first:
+            assert torch.equal(again[k], first[k]), k
