@@ -100,7 +100,7 @@ def test_gpu_evaluation_scores_the_same_tasks_as_the_cpu(omniglot_store):
 
 
 @pytest.mark.parametrize("algo,batching", [("maml", "loop"), ("maml", "batched"), ("matching", "batched"),
-                                           ("relation", "batched"), ("siamese", "batched")])
+                                           ("relation", "batched"), ("siamese", "batched"), ("memory", "auto")])
 def test_a_gpu_worker_computes_the_same_meta_gradient_every_time(omniglot_store, algo, batching):
     """Same weights, same slots: bit-identical gradients on every call (cuDNN in deterministic mode)."""
     cfg = config(omniglot_store, algo, batching)
