@@ -82,7 +82,7 @@ class TaskWorkerCore:
             # A task is a pure function of (seed, step, slot), and so must its gradient be: by default cuDNN may
             # pick convolution-gradient algorithms that sum in a run-dependent order. On an H200, five calls on the
             # same weights and slots gave different gradients in 14 of MAML's 14 tensors (loop), 9 of 12 of
-            # Matching's; deterministic, none, at -6% to +21% per call (2026-11-26; README, GPU). Process-wide, and a
+            # Matching's; deterministic, none, at -6% to +21% per call (bench/gpu_determinism.py). Process-wide, and a
             # worker owns its process.
             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
         self.store = place_store(open_store(cfg), self.device)
