@@ -45,9 +45,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models import Conv4  # noqa: E402
-from pipeline.algorithms import AlgorithmConfig, init_params, meta_gradient_tasks  # noqa: E402
-from tasks.episode import Episode  # noqa: E402
+from metatrain.models import Conv4  # noqa: E402
+from metatrain.tasks.episode import Episode  # noqa: E402
+
+from metatrain.pipeline.algorithms import AlgorithmConfig, init_params, meta_gradient_tasks  # noqa: E402
 
 WAYS, SHOTS, QUERIES, SIDE = 5, 1, 15, 28
 INNER_LR = 0.4  # MAML's Omniglot setting; one inner step at meta-training
@@ -234,7 +235,7 @@ def main() -> None:
         # What every TaskWorker does (workers.keep_freed_memory): large tensors stop being mmap'd and unmapped or
         # trimmed on every allocation, so they stop page-faulting. (mallopt refuses an mmap threshold above 32 MiB:
         # an earlier 1 GiB here set only the trim threshold, which disables glibc's adaptive threshold.)
-        from pipeline.worker import keep_freed_memory
+        from metatrain.pipeline.distributed.worker import keep_freed_memory
 
         keep_freed_memory()
     device = torch.device(args.device)

@@ -34,8 +34,8 @@ def bad_gradient() -> tuple[str, str]:
     """What tests/test_bad_inputs.py::test_a_bad_gradient_is_rejected_counted_and_not_applied checks."""
     import torch
 
-    from pipeline.config import OptimConfig
-    from pipeline.parameter_server import ParameterServerCore
+    from metatrain.pipeline.config import OptimConfig
+    from metatrain.pipeline.distributed.parameter_server import ParameterServerCore
 
     ps = ParameterServerCore({"w": torch.zeros(3)}, OptimConfig(name="sgd", lr=1.0), total_steps=5,
                              checkpoint_dir=None, checkpoint_every=5)

@@ -38,10 +38,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from pipeline.checkpoint import load_checkpoint  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.engine import Engine  # noqa: E402
-from pipeline.trainer import Trainer  # noqa: E402
+from metatrain.pipeline.checkpoint import load_checkpoint  # noqa: E402
+from metatrain.pipeline.config import load_config  # noqa: E402
+from metatrain.pipeline.distributed.engine import Engine  # noqa: E402
+from metatrain.pipeline.distributed.trainer import Trainer  # noqa: E402
 
 CONFIG = "configs/omniglot_fomaml_5w1s.yaml"
 
@@ -132,7 +132,8 @@ def cli(args: list[str], log: Path, **kw) -> subprocess.Popen:
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=env, stdout=open(log, "ab"),
+    return subprocess.Popen([sys.executable, "-m", "metatrain.pipeline", *args], cwd=REPO, env=env,
+                            stdout=open(log, "ab"),
                             stderr=subprocess.STDOUT, start_new_session=True, **kw)
 
 

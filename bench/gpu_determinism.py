@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.algorithms import init_params  # noqa: E402
-from pipeline.components import build_model, image_shape  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.worker import TaskWorkerCore  # noqa: E402
+from metatrain.pipeline.algorithms import init_params  # noqa: E402
+from metatrain.pipeline.components import build_model, image_shape  # noqa: E402
+from metatrain.pipeline.config import load_config  # noqa: E402
+from metatrain.pipeline.distributed.worker import TaskWorkerCore  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT = ("omniglot_maml_5w1s:loop,omniglot_maml_5w1s:batched,omniglot_matching_5w1s,omniglot_relation_5w1s,"

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.algorithms import init_params  # noqa: E402
-from pipeline.components import build_model, image_shape  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.worker import TaskWorkerCore  # noqa: E402
+from metatrain.pipeline.algorithms import init_params  # noqa: E402
+from metatrain.pipeline.components import build_model, image_shape  # noqa: E402
+from metatrain.pipeline.config import load_config  # noqa: E402
+from metatrain.pipeline.distributed.worker import TaskWorkerCore  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "omniglot_matching_5w1s.yaml"
 

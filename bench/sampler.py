@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tasks.prepare import prepare_omniglot  # noqa: E402
-from tasks.samplers import EpisodeSampler, episode_rng  # noqa: E402
-from tasks.store import TaskStore  # noqa: E402
+from metatrain.tasks.prepare import prepare_omniglot  # noqa: E402
+from metatrain.tasks.samplers import EpisodeSampler, episode_rng  # noqa: E402
+from metatrain.tasks.store import TaskStore  # noqa: E402
 
 SHAPES = [(5, 1, 15), (5, 5, 15), (20, 1, 5), (20, 5, 5)]
 

@@ -32,11 +32,11 @@ import ray
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.components import build_model, image_shape, initial_params  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.engine import Engine  # noqa: E402
-from pipeline.gradient_tree import cover  # noqa: E402
-from pipeline.parameter_server import ParameterServerCore  # noqa: E402
+from metatrain.pipeline.components import build_model, image_shape, initial_params  # noqa: E402
+from metatrain.pipeline.config import load_config  # noqa: E402
+from metatrain.pipeline.distributed.engine import Engine  # noqa: E402
+from metatrain.pipeline.distributed.gradient_tree import cover  # noqa: E402
+from metatrain.pipeline.distributed.parameter_server import ParameterServerCore  # noqa: E402
 
 
 def sync_steps(engine: Engine, workers: int, balance: str, steps: int, cfg) -> list[dict]:
@@ -82,7 +82,7 @@ def measure(cfg, steps: int, rounds: int) -> dict[str, list[dict]]:
 def _plain_worker(config: str, overrides: list[str], repeats: int, barrier, queue) -> None:
     """One plain process: the engine's per-task work (sample + meta-gradient) on 16 tasks, ``repeats`` times."""
     torch.set_num_threads(1)
-    from pipeline.worker import TaskWorkerCore
+    from metatrain.pipeline.distributed.worker import TaskWorkerCore
 
     core = TaskWorkerCore(load_config(config, overrides))
     weights = initial_params(core.cfg, core.model)

@@ -29,9 +29,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models import SinusoidMLP  # noqa: E402
-from pipeline.algorithms import AlgorithmConfig, evaluate_tasks, init_params, maml  # noqa: E402
-from tasks.episode import Episode  # noqa: E402
+from metatrain.models import SinusoidMLP  # noqa: E402
+from metatrain.tasks.episode import Episode  # noqa: E402
+
+from metatrain.pipeline.algorithms import AlgorithmConfig, evaluate_tasks, init_params, maml  # noqa: E402
 
 K, META_BATCH, INNER_LR, OUTER_LR = 10, 25, 0.01, 1e-3
 

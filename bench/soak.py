@@ -25,11 +25,11 @@ import psutil
 import ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.components import build_sampler, open_store  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.engine import Engine  # noqa: E402
-from pipeline.tracking import RunTracker, flatten_config  # noqa: E402
-from pipeline.trainer import Trainer  # noqa: E402
+from metatrain.pipeline.components import build_sampler, open_store  # noqa: E402
+from metatrain.pipeline.config import load_config  # noqa: E402
+from metatrain.pipeline.distributed.engine import Engine  # noqa: E402
+from metatrain.pipeline.distributed.trainer import Trainer  # noqa: E402
+from metatrain.pipeline.tracking import RunTracker, flatten_config  # noqa: E402
 
 MIB = 2 ** 20
 

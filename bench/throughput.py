@@ -51,9 +51,9 @@ sys.path.insert(0, str(BENCH))
 from algorithms import higher_maml, torchopt_maml  # noqa: E402
 from scaling import sync_steps  # noqa: E402
 
-from pipeline.components import build_model, build_sampler, image_shape, open_store  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.engine import Engine  # noqa: E402
+from metatrain.pipeline.components import build_model, build_sampler, image_shape, open_store  # noqa: E402
+from metatrain.pipeline.config import load_config  # noqa: E402
+from metatrain.pipeline.distributed.engine import Engine  # noqa: E402
 
 ALGOS = ("maml", "fomaml", "reptile", "protonet")
 PEERS = {"maml": ("plain", "higher", "torchopt"), "fomaml": ("plain", "higher"), "reptile": ("plain",),
@@ -151,7 +151,7 @@ def higher_fomaml(model, episodes, lr: float, steps: int):
 
 def peer_rates(algo: str, args, steps: int, first_step: int) -> dict[str, list[float]]:
     """Step times of each peer of ``algo``, in this process (run in a spawned child: no Ray, its own allocator)."""
-    from pipeline.worker import keep_freed_memory, place_store
+    from metatrain.pipeline.distributed.worker import keep_freed_memory, place_store
 
     torch.set_num_threads(1)
     keep_freed_memory()

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.driver import train  # noqa: E402
+from metatrain.pipeline.jobs.train import train  # noqa: E402
 
 # Omniglot 5-way 1-shot test accuracy as published (%).
 PUBLISHED = {"maml": (98.7, "Finn et al. 2017"), "fomaml": (98.3, "Finn et al. 2017"),
@@ -101,7 +101,7 @@ def paired_differences(a: Path, b: Path, columns: list[str]) -> dict[str, tuple[
     import numpy as np
     import pyarrow.parquet as pq
 
-    from pipeline.retrain import ci95
+    from metatrain.pipeline.jobs.retrain import ci95
 
     tables, counts = {}, {}
     for path in (a, b):

@@ -1,11 +1,11 @@
 """Models for few-shot learning: plain ``nn.Module``s that the algorithms run functionally on parameter dicts."""
 
-from models.base import FewShotModel, ModelConfigError
-from models.conv4 import Conv4
-from models.layers import EpisodeBatchNorm2d, MaxPool2x2, max_pool2x2
-from models.mann import MANN, SequenceLSTM, SequenceModel
-from models.memory_module import KeyEncoder, Memory
-from models.mlp import SinusoidMLP
+from metatrain.models.base import FewShotModel, ModelConfigError
+from metatrain.models.conv4 import Conv4
+from metatrain.models.layers import EpisodeBatchNorm2d, MaxPool2x2, max_pool2x2
+from metatrain.models.mann import MANN, SequenceLSTM, SequenceModel
+from metatrain.models.memory_module import KeyEncoder, Memory
+from metatrain.models.mlp import SinusoidMLP
 
 __all__ = ["MANN", "Conv4", "EpisodeBatchNorm2d", "FewShotModel", "KeyEncoder", "MaxPool2x2", "Memory",
            "ModelConfigError", "SequenceLSTM", "SequenceModel", "SinusoidMLP", "max_pool2x2"]

@@ -15,9 +15,8 @@ when present (Conv4's runs the tasks as one grouped convolution: twice vmap's sp
 from __future__ import annotations
 
 import torch
+from metatrain.tasks.errors import MetatrainError
 from torch import nn
-
-from tasks.errors import MetatrainError
 
 
 class ModelConfigError(MetatrainError, ValueError):

@@ -26,10 +26,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from metatrain.models.base import FewShotModel, ModelConfigError, linear_tasks, per_task
+from metatrain.models.layers import EpisodeBatchNorm2d, MaxPool2x2
 from torch import nn
-
-from models.base import FewShotModel, ModelConfigError, linear_tasks, per_task
-from models.layers import EpisodeBatchNorm2d, MaxPool2x2
 
 POOLS = ("max", "stride")
 

@@ -44,10 +44,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from metatrain.models.base import ModelConfigError
+from metatrain.models.ntm import content_weights
 from torch import nn
-
-from models.base import ModelConfigError
-from models.ntm import content_weights
 
 MEMORY_INIT = 1e-6
 

@@ -28,9 +28,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-from models.base import ModelConfigError
-from models.conv4 import Conv4
+from metatrain.models.base import ModelConfigError
+from metatrain.models.conv4 import Conv4
 
 EMPTY = -1
 

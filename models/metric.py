@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from metatrain.models.base import ModelConfigError
+from metatrain.models.conv4 import Conv4, ConvBlock
 from torch import nn
-
-from models.base import ModelConfigError
-from models.conv4 import Conv4, ConvBlock
 
 EMBEDDING_TASK = "embedding"
 

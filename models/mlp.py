@@ -8,9 +8,8 @@
 from __future__ import annotations
 
 import torch
+from metatrain.models.base import FewShotModel, ModelConfigError, linear_tasks
 from torch import nn
-
-from models.base import FewShotModel, ModelConfigError, linear_tasks
 
 
 class MLPBody(nn.Sequential):

@@ -57,8 +57,7 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from tasks.errors import MetatrainError
+from metatrain.tasks.errors import MetatrainError
 
 FORMAT = "metatrain-checkpoint/1"
 REQUIRED_KEYS = ("format", "fingerprint", "step", "params", "buffers", "optimizer", "scheduler", "rng", "config",

@@ -1,4 +1,4 @@
-"""The ``metatrain`` command line (also ``python -m pipeline``).
+"""The ``metatrain`` command line (also ``python -m metatrain.pipeline``).
 
     metatrain prepare omniglot --source ../shared/data/omniglot --out data/omniglot
     metatrain prepare imagefolder --source my_images/ --out data/mine --channels 3
@@ -19,7 +19,7 @@ import argparse
 import os
 import sys
 
-from tasks.errors import MetatrainError
+from metatrain.tasks.errors import MetatrainError
 
 OMNIGLOT_SOURCE_ENV = "METATRAIN_OMNIGLOT_SOURCE"
 
@@ -133,9 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_prepare(args) -> int:
+    from metatrain.tasks.prepare import OMNIGLOT_IMAGES, prepare_imagefolder, prepare_omniglot
     from tqdm import tqdm
-
-    from tasks.prepare import OMNIGLOT_IMAGES, prepare_imagefolder, prepare_omniglot
 
     with tqdm(total=OMNIGLOT_IMAGES if args.kind == "omniglot" else None, unit="img", desc="prepare",
               disable=None, leave=False) as bar:
@@ -166,8 +165,8 @@ def _ascii(img, width: int = 28) -> list[str]:
 
 
 def cmd_sample(args) -> int:
-    from tasks.samplers import EpisodeSampler
-    from tasks.store import TaskStore
+    from metatrain.tasks.samplers import EpisodeSampler
+    from metatrain.tasks.store import TaskStore
 
     store = TaskStore.open(args.data)
     rotations = {"auto": None, "on": True, "off": False}[args.rotations]
@@ -189,7 +188,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from pipeline.driver import train
+    from metatrain.pipeline.jobs.train import train
 
     train(args.config, args.overrides, out=args.out, ray_address=args.ray_address, resume=args.resume,
           tracking_uri=args.tracking_uri, register=args.register, quiet=args.quiet)
@@ -197,7 +196,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from pipeline.driver import evaluate
+    from metatrain.pipeline.jobs.train import evaluate
 
     evaluate(args.run, args.model, tasks=args.tasks, overrides=args.overrides, out=args.out,
              tracking_uri=args.tracking_uri)
@@ -205,8 +204,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from pipeline.driver import RunError, checkpoint_of
-    from pipeline.predict import predict, write_predictions
+    from metatrain.pipeline.jobs.predict import predict, write_predictions
+    from metatrain.pipeline.jobs.train import RunError, checkpoint_of
 
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if args.model and not uri:
@@ -224,7 +223,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_retrain(args) -> int:
-    from pipeline.retrain import retrain
+    from metatrain.pipeline.jobs.retrain import retrain
 
     retrain(args.config, args.model, budget_steps=args.budget_steps, overrides=args.overrides,
             tracking_uri=args.tracking_uri, out=args.out, margin=args.margin, ray_address=args.ray_address,
@@ -233,7 +232,7 @@ def cmd_retrain(args) -> int:
 
 
 def cmd_study(args) -> int:
-    from pipeline.study import run_study
+    from metatrain.pipeline.jobs.study import run_study
 
     if args.parallel is not None and args.parallel < 1:
         raise CliError(f"--parallel must be >= 1, got {args.parallel}")

@@ -12,15 +12,15 @@ import json
 from pathlib import Path
 
 import torch
+from metatrain.models import MANN, Conv4, FewShotModel, KeyEncoder, SequenceLSTM, SinusoidMLP
+from metatrain.models.metric import Conv4Embedding, MatchingNetwork, RelationNetwork, SiameseNetwork
+from metatrain.tasks.errors import DataError
+from metatrain.tasks.samplers import EpisodeSampler, SequenceEpisodeSampler, SinusoidSampler
+from metatrain.tasks.store import TaskStore, read_manifest
 
-from models import MANN, Conv4, FewShotModel, KeyEncoder, SequenceLSTM, SinusoidMLP
-from models.metric import Conv4Embedding, MatchingNetwork, RelationNetwork, SiameseNetwork
-from pipeline.algorithms import get_algorithm
-from pipeline.checkpoint import model_fingerprint
-from pipeline.config import Config, ConfigError
-from tasks.errors import DataError
-from tasks.samplers import EpisodeSampler, SequenceEpisodeSampler, SinusoidSampler
-from tasks.store import TaskStore, read_manifest
+from metatrain.pipeline.algorithms import get_algorithm
+from metatrain.pipeline.checkpoint import model_fingerprint
+from metatrain.pipeline.config import Config, ConfigError
 
 SPLITS = ("train", "val", "test")
 

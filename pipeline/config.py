@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from metatrain.tasks.errors import MetatrainError
 
-from pipeline.algorithms.config import AlgorithmConfig
-from tasks.errors import MetatrainError
+from metatrain.pipeline.algorithms.config import AlgorithmConfig
 
 
 class ConfigError(MetatrainError):

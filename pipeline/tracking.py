@@ -62,7 +62,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import MetatrainError
+from metatrain.tasks.errors import MetatrainError
 
 # MLflow's limits (mlflow.utils.validation): values longer than these are refused, not truncated, by the store.
 MAX_PARAM_VALUE_LENGTH = 6000

@@ -5,7 +5,7 @@
 
 Idempotent: when ``--out`` already holds a complete store made from the same source files (sha256) with the same
 settings, nothing is rewritten and the result says so. A store that is outdated, half-written or corrupt is rebuilt
-from scratch in a temporary folder and swapped in atomically (see ``tasks.store.write_store``).
+from scratch in a temporary folder and swapped in atomically (see ``metatrain.tasks.store.write_store``).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.errors import DataError, MetatrainError
-from tasks.sources import iter_imagefolder, iter_omniglot, omniglot_inputs, sha256_file, sha256_tree
-from tasks.store import read_manifest, verify_store, write_store
+from metatrain.tasks.errors import DataError, MetatrainError
+from metatrain.tasks.sources import iter_imagefolder, iter_omniglot, omniglot_inputs, sha256_file, sha256_tree
+from metatrain.tasks.store import read_manifest, verify_store, write_store
 
 OMNIGLOT_IMAGES = 32_460
 

@@ -22,12 +22,11 @@ import zlib
 
 import numpy as np
 import torch
-
-from tasks.episode import Episode, SequenceEpisode
-from tasks.errors import EpisodeError
-from tasks.sources import unit_pixels
-from tasks.splits import is_training_split, resolve_split
-from tasks.store import TaskStore
+from metatrain.tasks.episode import Episode, SequenceEpisode
+from metatrain.tasks.errors import EpisodeError
+from metatrain.tasks.sources import unit_pixels
+from metatrain.tasks.splits import is_training_split, resolve_split
+from metatrain.tasks.store import TaskStore
 
 
 def _positive_int(name: str, value) -> int:

@@ -20,10 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from metatrain.tasks.errors import DataError
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as TF
-
-from tasks.errors import DataError
 
 #: The two Omniglot archives as the authors published them, in class-id order.
 OMNIGLOT_SPLITS = ("background", "evaluation")

@@ -22,9 +22,8 @@ from __future__ import annotations
 import difflib
 
 import numpy as np
-
-from tasks.errors import EpisodeError
-from tasks.store import TaskStore
+from metatrain.tasks.errors import EpisodeError
+from metatrain.tasks.store import TaskStore
 
 #: scheme -> (partition shuffled, or None for all classes; its class count; ordered (part, count) cuts).
 SHUFFLED_SCHEMES = {

@@ -29,9 +29,8 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import torch
-
-from tasks.errors import DataError
-from tasks.sources import RawClass, decode_class, sha256_file
+from metatrain.tasks.errors import DataError
+from metatrain.tasks.sources import RawClass, decode_class, sha256_file
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"

@@ -36,7 +36,7 @@ def omniglot_dir() -> Path:
 @pytest.fixture(scope="session")
 def omniglot_store(omniglot_dir, tmp_path_factory) -> Path:
     """The full Omniglot at 28x28, prepared once for the whole test session (about 3 s)."""
-    from tasks.prepare import prepare_omniglot
+    from metatrain.tasks.prepare import prepare_omniglot
 
     out = tmp_path_factory.mktemp("stores") / "omniglot"
     prepare_omniglot(omniglot_dir, out)
@@ -89,8 +89,7 @@ def zip_bytes(members: dict[str, bytes]) -> bytes:
 def prototype_episode(slot: int, ways: int = 3, shots: int = 1, queries: int = 2, size: int = 28, step: int = 1):
     """A synthetic few-shot Episode: each class a random image, each example a noisy copy (seeded by ``slot``)."""
     import torch
-
-    from tasks.episode import Episode
+    from metatrain.tasks.episode import Episode
 
     g = torch.Generator().manual_seed(slot)
     protos = torch.rand(ways, 1, size, size, generator=g)

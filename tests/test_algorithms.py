@@ -9,11 +9,13 @@ import higher
 import pytest
 import torch
 import torch.nn.functional as F
+from metatrain.models import Conv4, FewShotModel, SinusoidMLP
+from metatrain.tasks.episode import Episode, stack_episodes
+from metatrain.tasks.errors import MetatrainError
 from torch import nn
 from torch.func import functional_call
 
-from models import Conv4, FewShotModel, SinusoidMLP
-from pipeline.algorithms import (
+from metatrain.pipeline.algorithms import (
     AlgorithmConfig,
     AlgorithmConfigError,
     NonFiniteGradientError,
@@ -30,9 +32,7 @@ from pipeline.algorithms import (
     reptile,
     use_batched,
 )
-from pipeline.algorithms.inner_loop import LR_PREFIX
-from tasks.episode import Episode, stack_episodes
-from tasks.errors import MetatrainError
+from metatrain.pipeline.algorithms.gradient.inner_loop import LR_PREFIX
 
 
 @pytest.fixture(autouse=True, scope="module")

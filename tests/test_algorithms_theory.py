@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from metatrain.models import SinusoidMLP
+from metatrain.tasks.episode import Episode
 
-from models import SinusoidMLP
-from pipeline.algorithms import AlgorithmConfig, fomaml, maml, reptile
-from tasks.episode import Episode
+from metatrain.pipeline.algorithms import AlgorithmConfig, fomaml, maml, reptile
 
 D, N, TASKS = 3, 5, 6  # features, examples per minibatch, tasks
 

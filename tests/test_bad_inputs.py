@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.cli import main
+from metatrain.pipeline.cli import main
 
 SECRET = "hunter2-not-logged"
 
@@ -36,7 +36,7 @@ class Case:
     argv: tuple[str, ...]
     message: str
     setup: Callable[[dict], None] | None = None
-    fresh_process: bool = False  # run `python -m pipeline ...` in a new process (no Ray connected yet)
+    fresh_process: bool = False  # run `python -m metatrain.pipeline ...` in a new process (no Ray connected yet)
 
 
 def _corrupt_store(ctx: dict) -> None:
@@ -60,7 +60,7 @@ def _copy_run(ctx: dict, mangle: Callable[[Path], None]) -> None:
     """A copy of the trained run (same MLflow run id in its own store) whose checkpoints ``mangle`` damages."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.driver import OUT_TAG
+    from metatrain.pipeline.jobs.train import OUT_TAG
 
     copy = ctx["TMP"] / "runcopy"
     shutil.copytree(ctx["RUNDIR"], copy)
@@ -221,7 +221,8 @@ def call_main(argv: list[str], fresh_process: bool = False) -> tuple[int, str]:
 
     if fresh_process:
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-        proc = subprocess.run([sys.executable, "-m", "pipeline", *argv], capture_output=True, text=True, env=env,
+        proc = subprocess.run([sys.executable, "-m", "metatrain.pipeline", *argv], capture_output=True, text=True,
+                              env=env,
                               cwd=Path(__file__).resolve().parents[1], timeout=300)
         return proc.returncode, proc.stderr
     err = io.StringIO()
@@ -280,8 +281,8 @@ def test_bad_input(case, trained, tmp_path, monkeypatch):
 
 def test_an_address_of_another_cluster_is_refused_while_connected(trained):
     """In a process already connected to Ray (a notebook, these tests), --ray-address elsewhere is not ignored."""
-    from pipeline.driver import init_ray
-    from pipeline.engine import EngineError
+    from metatrain.pipeline.distributed.engine import EngineError
+    from metatrain.pipeline.jobs.train import init_ray
 
     with pytest.raises(EngineError, match="--ray-address 127.0.0.1:1: this process is already connected to the Ray "
                                           "cluster at .*; leave --ray-address out to use it"):
@@ -291,8 +292,8 @@ def test_an_address_of_another_cluster_is_refused_while_connected(trained):
 
 def test_a_bad_gradient_is_rejected_counted_and_not_applied():
     """The gradient row of the table: a worker's non-finite contribution, seen by the parameter server."""
-    from pipeline.config import OptimConfig
-    from pipeline.parameter_server import ParameterServerCore
+    from metatrain.pipeline.config import OptimConfig
+    from metatrain.pipeline.distributed.parameter_server import ParameterServerCore
 
     ps = ParameterServerCore({"w": torch.zeros(3)}, OptimConfig(name="sgd", lr=1.0), total_steps=5,
                              checkpoint_dir=None, checkpoint_every=5)

@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from metatrain.tasks.errors import MetatrainError
 
-import pipeline.checkpoint as ck
-from pipeline.checkpoint import (
+import metatrain.pipeline.checkpoint as ck
+from metatrain.pipeline.checkpoint import (
     FORMAT,
     CheckpointError,
     CheckpointWarning,
@@ -28,7 +29,6 @@ from pipeline.checkpoint import (
     save_checkpoint,
     save_named,
 )
-from tasks.errors import MetatrainError
 
 
 def make_model(hidden: int = 8, out: int = 3) -> torch.nn.Module:

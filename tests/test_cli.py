@@ -8,7 +8,7 @@ import sys
 import pytest
 from conftest import REPO
 
-from pipeline.cli import main
+from metatrain.pipeline.cli import main
 
 
 def test_prepare_and_sample(tiny_source, tmp_path, capsys):
@@ -57,9 +57,10 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, tiny_source, tmp_path, 
 
 
 def test_python_dash_m_and_argparse_errors():
-    r = subprocess.run([sys.executable, "-m", "pipeline", "prepare", "nope"], capture_output=True, text=True, cwd=REPO)
+    r = subprocess.run([sys.executable, "-m", "metatrain.pipeline", "prepare", "nope"], capture_output=True, text=True,
+                       cwd=REPO)
     assert r.returncode == 2 and "invalid choice: 'nope'" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "pipeline", "--help"], capture_output=True, text=True, cwd=REPO)
+    r = subprocess.run([sys.executable, "-m", "metatrain.pipeline", "--help"], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0 and "prepare" in r.stdout
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from pipeline.config import Config, ConfigError, config_from_dict, load_config
+from metatrain.pipeline.config import Config, ConfigError, config_from_dict, load_config
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 

@@ -14,13 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
+from metatrain.tasks.errors import DataError
 from mlflow.tracking import MlflowClient
 
-from pipeline.checkpoint import load_checkpoint
-from pipeline.config import ConfigError
-from pipeline.driver import RunError, evaluate, train
-from pipeline.engine import Engine
-from tasks.errors import DataError
+from metatrain.pipeline.checkpoint import load_checkpoint
+from metatrain.pipeline.config import ConfigError
+from metatrain.pipeline.distributed.engine import Engine
+from metatrain.pipeline.jobs.train import RunError, evaluate, train
 
 pytestmark = pytest.mark.data
 
@@ -86,8 +86,8 @@ def test_fomaml_5w1s_two_workers_learns_and_is_tracked(omniglot_store, tmp_path,
     import mlflow.pytorch
     import numpy as np
 
-    from pipeline.components import build_model, image_shape
-    from pipeline.config import config_from_dict
+    from metatrain.pipeline.components import build_model, image_shape
+    from metatrain.pipeline.config import config_from_dict
 
     cfg = config_from_dict(final["config"])
     reference = build_model(cfg, image_shape(cfg))
@@ -140,7 +140,7 @@ def test_resume_continues_the_same_run_to_the_same_parameters(omniglot_store, tm
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
     assert uninterrupted.summary["accuracy"] == pytest.approx(resumed.summary["accuracy"], abs=1e-6)
     # Resuming with another architecture is refused before anything starts, naming the checkpoint.
-    from pipeline.checkpoint import CheckpointError
+    from metatrain.pipeline.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="ckpt-00000006.pt was written for a different model or config"):
         train(None, ["model.hidden=16", "train.steps=8"], out=str(tmp_path / "part"), resume=resumed.run_id,
@@ -193,7 +193,7 @@ def test_bad_input_fails_before_a_run_starts(omniglot_store, tmp_path, overrides
 def test_unknown_resume_run_and_unreachable_tracking_server(omniglot_store, tmp_path):
     with pytest.raises(RunError, match="--resume 0123abc: no such metatrain run"):
         train(CONFIG, [f"data.path={omniglot_store}"], out=str(tmp_path / "r"), resume="0123abc", quiet=True)
-    from pipeline.tracking import TrackingError
+    from metatrain.pipeline.tracking import TrackingError
 
     with pytest.raises(TrackingError, match="unreachable"):
         train(CONFIG, [f"data.path={omniglot_store}"], out=str(tmp_path / "r2"), quiet=True,

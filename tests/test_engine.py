@@ -13,9 +13,9 @@ import pytest
 import ray
 import torch
 
-from pipeline.config import load_config
-from pipeline.engine import Engine, proportional_counts, split_slots
-from pipeline.trainer import Trainer
+from metatrain.pipeline.config import load_config
+from metatrain.pipeline.distributed.engine import Engine, proportional_counts, split_slots
+from metatrain.pipeline.distributed.trainer import Trainer
 
 pytestmark = pytest.mark.data
 

@@ -7,9 +7,9 @@ import ray
 import torch
 from ray.cluster_utils import Cluster
 
-from pipeline.config import load_config
-from pipeline.engine import Engine
-from pipeline.trainer import Trainer
+from metatrain.pipeline.config import load_config
+from metatrain.pipeline.distributed.engine import Engine
+from metatrain.pipeline.distributed.trainer import Trainer
 
 pytestmark = pytest.mark.data
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from metatrain.tasks.sources import unit_pixels
 
-from pipeline.algorithms import init_params
-from pipeline.components import build_model, image_shape
-from pipeline.config import load_config
-from pipeline.worker import TaskWorkerCore
-from tasks.sources import unit_pixels
+from metatrain.pipeline.algorithms import init_params
+from metatrain.pipeline.components import build_model, image_shape
+from metatrain.pipeline.config import load_config
+from metatrain.pipeline.distributed.worker import TaskWorkerCore
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.config import OptimConfig
-from pipeline.gradient_tree import combine, cover, is_node, leaves_of, node_sum, span, tree_sums
-from pipeline.parameter_server import ParameterServerCore
+from metatrain.pipeline.config import OptimConfig
+from metatrain.pipeline.distributed.gradient_tree import combine, cover, is_node, leaves_of, node_sum, span, tree_sums
+from metatrain.pipeline.distributed.parameter_server import ParameterServerCore
 
 
 def leaves(n, seed=0):

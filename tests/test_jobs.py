@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.cli import main
-from pipeline.retrain import CHAMPION, PREVIOUS, RetrainError, compare, promote_if_better, retrain
+from metatrain.pipeline.cli import main
+from metatrain.pipeline.jobs.retrain import CHAMPION, PREVIOUS, RetrainError, compare, promote_if_better, retrain
 
 pytestmark = [pytest.mark.data, pytest.mark.usefixtures("ray_module", "no_env_tracking")]
 
@@ -130,7 +130,7 @@ def test_retrain_promotes_then_compares_on_the_same_tasks_and_predict_uses_the_c
 def test_predict_bad_input(omniglot_store, omniglot_dir, tmp_path, capsys):
     uri = f"sqlite:///{tmp_path}/registry.db"
     result_dir = tmp_path / "run"
-    from pipeline.driver import train
+    from metatrain.pipeline.jobs.train import train
 
     run = train("configs/omniglot_fomaml_5w1s.yaml", [f"data.path={omniglot_store}", *QUICK, "train.steps=2",
                                                        "train.eval_tasks=10"],

@@ -7,10 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import prototype_episode
-
-from models import MANN, KeyEncoder, Memory, SequenceLSTM
-from models.mann import clear_least_used, least_used, lrua_write, lrua_write_weights, update_usage
-from models.ntm import (
+from metatrain.models import MANN, KeyEncoder, Memory, SequenceLSTM
+from metatrain.models.mann import clear_least_used, least_used, lrua_write, lrua_write_weights, update_usage
+from metatrain.models.ntm import (
     NTMHead,
     content_weights,
     cosine_similarity,
@@ -20,12 +19,13 @@ from models.ntm import (
     sharpen,
     shift,
 )
-from pipeline.algorithms import AlgorithmConfig, evaluate_tasks, meta_gradient_tasks
-from pipeline.algorithms import mann as mann_algo
-from pipeline.algorithms import memory as memory_algo
-from pipeline.algorithms.errors import TaskMismatchError
-from pipeline.config import ConfigError, load_config
-from tasks.episode import SequenceEpisode
+from metatrain.tasks.episode import SequenceEpisode
+
+from metatrain.pipeline.algorithms import AlgorithmConfig, evaluate_tasks, meta_gradient_tasks
+from metatrain.pipeline.algorithms import mann as mann_algo
+from metatrain.pipeline.algorithms.errors import TaskMismatchError
+from metatrain.pipeline.algorithms.memory import key_value as memory_algo
+from metatrain.pipeline.config import ConfigError, load_config
 
 # ---- NTM addressing ------------------------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline.driver import evaluate, train
+from metatrain.pipeline.jobs.train import evaluate, train
 
 pytestmark = [pytest.mark.data, pytest.mark.usefixtures("ray_module", "no_env_tracking")]
 
@@ -45,9 +45,9 @@ def test_mann_trains_through_the_parameter_server_and_reports_by_instance(omnigl
     # The logged model (pt2: torch.export of the 50-step loop, one input tensor) computes what the checkpoint does.
     import mlflow.pytorch
 
-    from pipeline.checkpoint import load_checkpoint
-    from pipeline.components import build_model, example_input, image_shape
-    from pipeline.config import config_from_dict
+    from metatrain.pipeline.checkpoint import load_checkpoint
+    from metatrain.pipeline.components import build_model, example_input, image_shape
+    from metatrain.pipeline.config import config_from_dict
 
     final = load_checkpoint(out / "checkpoints" / "final.pt")
     cfg = config_from_dict(final["config"])

@@ -10,9 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import prototype_episode
-from mlflow.tracking import MlflowClient
-
-from models.metric import (
+from metatrain.models.metric import (
     Conv4Embedding,
     MatchingNetwork,
     RelationNetwork,
@@ -21,13 +19,15 @@ from models.metric import (
     prototypes,
     squared_euclidean,
 )
-from pipeline.algorithms import AlgorithmConfig, get_algorithm, meta_gradient_tasks
-from pipeline.algorithms.embedding import call
-from pipeline.algorithms.errors import TaskMismatchError
-from pipeline.algorithms.matching import attention
-from pipeline.config import ConfigError, load_config
-from pipeline.driver import train
-from tasks.episode import Episode
+from metatrain.tasks.episode import Episode
+from mlflow.tracking import MlflowClient
+
+from metatrain.pipeline.algorithms import AlgorithmConfig, get_algorithm, meta_gradient_tasks
+from metatrain.pipeline.algorithms.errors import TaskMismatchError
+from metatrain.pipeline.algorithms.metric.embedding import call
+from metatrain.pipeline.algorithms.metric.matching import attention
+from metatrain.pipeline.config import ConfigError, load_config
+from metatrain.pipeline.jobs.train import train
 
 
 def episode(slot: int) -> Episode:

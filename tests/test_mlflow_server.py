@@ -15,7 +15,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline.cli import main
+from metatrain.pipeline.cli import main
 
 pytestmark = pytest.mark.data
 

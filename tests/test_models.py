@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
-from models import Conv4, EpisodeBatchNorm2d, ModelConfigError, SinusoidMLP, max_pool2x2
-from tasks.errors import MetatrainError
+from metatrain.models import Conv4, EpisodeBatchNorm2d, ModelConfigError, SinusoidMLP, max_pool2x2
+from metatrain.tasks.errors import MetatrainError
 
 
 @pytest.fixture(autouse=True, scope="module")

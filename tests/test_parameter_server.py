@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from pipeline.config import OptimConfig
-from pipeline.parameter_server import ParameterServerCore, learning_rate
+from metatrain.pipeline.config import OptimConfig
+from metatrain.pipeline.distributed.parameter_server import ParameterServerCore, learning_rate
 
 SGD1 = OptimConfig(name="sgd", lr=1.0)
 
@@ -168,7 +168,7 @@ def test_checkpoint_restore_continues_identically(tmp_path):
 
 
 def test_restore_refuses_another_models_checkpoint(tmp_path):
-    from pipeline.checkpoint import CheckpointError
+    from metatrain.pipeline.checkpoint import CheckpointError
 
     a = core(checkpoint_dir=tmp_path, checkpoint_every=1, fingerprint="model-a")
     apply(a, 1, contrib(1, 0, 1.0, 1))

@@ -11,13 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import png_bytes, write_tiny_omniglot
+from metatrain.tasks import sources
+from metatrain.tasks import store as store_mod
+from metatrain.tasks.errors import DataError, MetatrainError
+from metatrain.tasks.prepare import prepare_imagefolder, prepare_omniglot
+from metatrain.tasks.store import TaskStore, verify_store
 from PIL import Image
-
-from tasks import sources
-from tasks import store as store_mod
-from tasks.errors import DataError, MetatrainError
-from tasks.prepare import prepare_imagefolder, prepare_omniglot
-from tasks.store import TaskStore, verify_store
 
 # sha256 of the shared archives, as their README lists them.
 SHARED_SHA = {

@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, write_tiny_omniglot
-
-from tasks import sources
-from tasks.errors import EpisodeError
-from tasks.prepare import prepare_omniglot
-from tasks.samplers import EpisodeSampler, SequenceEpisodeSampler, SinusoidSampler
-from tasks.sources import unit_pixels
-from tasks.splits import resolve_split
-from tasks.store import TaskStore
+from metatrain.tasks import sources
+from metatrain.tasks.errors import EpisodeError
+from metatrain.tasks.prepare import prepare_omniglot
+from metatrain.tasks.samplers import EpisodeSampler, SequenceEpisodeSampler, SinusoidSampler
+from metatrain.tasks.sources import unit_pixels
+from metatrain.tasks.splits import resolve_split
+from metatrain.tasks.store import TaskStore
 
 pytestmark = pytest.mark.data
 

@@ -7,7 +7,7 @@ import socket
 import psutil
 import ray
 
-from pipeline.driver import init_ray
+from metatrain.pipeline.jobs.train import init_ray
 
 
 def _external_ip() -> str | None:

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipeline.study import StudyError, load_study, run_study
+from metatrain.pipeline.jobs.study import StudyError, load_study, run_study
 
 FOMAML = "configs/omniglot_fomaml_5w1s.yaml"
 

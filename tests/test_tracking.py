@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from metatrain.tasks.errors import MetatrainError
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 from mlflow.tracking import MlflowClient
 
-from pipeline.tracking import (
+from metatrain.pipeline.tracking import (
     CHANGED_PARAM_TAG,
     MAX_PARAM_VALUE_LENGTH,
     RunTracker,
@@ -30,7 +31,6 @@ from pipeline.tracking import (
     redact_uri,
     resolve_tracking_uri,
 )
-from tasks.errors import MetatrainError
 
 SECRET = "hunter2-s3cr3t"
 
@@ -341,7 +341,7 @@ def test_resume_continues_the_same_run(uri, monkeypatch, capsys):
 
 KILLED_SESSION = """
 import os, signal, sys
-from pipeline.tracking import RunTracker
+from metatrain.pipeline.tracking import RunTracker
 t = RunTracker(sys.argv[1], spill_dir=sys.argv[2], system_metrics=False, flush_every_s=3600.0).start()
 for step in range(5):
     t.log_metrics({"train/loss": float(step), "train/acc": step / 10}, step=step)
@@ -402,7 +402,7 @@ def test_journal_replay_skips_what_the_store_already_has(uri, tmp_path):
 def test_last_step_counts_the_store_and_the_replayed_journal(uri, tmp_path):
     from mlflow.entities import Metric
 
-    from pipeline.tracking import _metric_line
+    from metatrain.pipeline.tracking import _metric_line
 
     t = tracker(uri, spill_dir=tmp_path / "spill").start()
     for step in range(1, 4):

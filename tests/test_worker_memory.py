@@ -17,7 +17,7 @@ PROBE = """
 import os, sys, torch
 torch.set_num_threads(1)  # a worker's setting; and no thread pool starting up inside the measurement
 if sys.argv[1] == "keep":
-    from pipeline.worker import keep_freed_memory
+    from metatrain.pipeline.distributed.worker import keep_freed_memory
     assert keep_freed_memory()
 page = os.sysconf("SC_PAGE_SIZE")
 def rss():

@@ -35,32 +35,22 @@ from collections.abc import Sequence
 from types import ModuleType
 
 import torch
+from metatrain.tasks.episode import Episode, SequenceEpisode, stack_episodes, stack_sequence_episodes
 from torch import nn
 
-from pipeline.algorithms import (
-    anil,
-    fomaml,
-    maml,
-    mann,
-    matching,
-    memory,
-    metasgd,
-    protonet,
-    relation,
-    reptile,
-    siamese,
-)
-from pipeline.algorithms.config import ALGORITHMS, AlgorithmConfig, unknown_name
-from pipeline.algorithms.errors import AlgorithmConfigError, NonFiniteGradientError, TaskMismatchError
-from pipeline.algorithms.inner_loop import LR_PREFIX, Metrics, Params
-from tasks.episode import Episode, SequenceEpisode, stack_episodes, stack_sequence_episodes
+from metatrain.pipeline.algorithms.config import ALGORITHMS, AlgorithmConfig, unknown_name
+from metatrain.pipeline.algorithms.errors import AlgorithmConfigError, NonFiniteGradientError, TaskMismatchError
+from metatrain.pipeline.algorithms.gradient import anil, fomaml, maml, metasgd, reptile
+from metatrain.pipeline.algorithms.gradient.inner_loop import LR_PREFIX, Metrics, Params
+from metatrain.pipeline.algorithms.memory import key_value, mann
+from metatrain.pipeline.algorithms.metric import matching, protonet, relation, siamese
 
 __all__ = ["ALGORITHMS", "AlgorithmConfig", "AlgorithmConfigError", "LR_PREFIX", "NonFiniteGradientError",
            "TaskMismatchError", "anil", "evaluate_tasks", "fomaml", "get_algorithm", "init_params", "maml", "mann",
-           "matching", "measure_task_batching", "memory", "meta_gradient_tasks", "metasgd", "protonet", "relation",
+           "matching", "measure_task_batching", "key_value", "meta_gradient_tasks", "metasgd", "protonet", "relation",
            "reptile", "siamese", "use_batched"]
 
-_REGISTRY: dict[str, ModuleType] = {m.NAME: m for m in (maml, fomaml, reptile, metasgd, anil, mann, memory, protonet,
+_REGISTRY: dict[str, ModuleType] = {m.NAME: m for m in (maml, fomaml, reptile, metasgd, anil, mann, key_value, protonet,
                                                          matching, relation, siamese)}
 assert tuple(_REGISTRY) == ALGORITHMS
 

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
-from pipeline.algorithms.errors import AlgorithmConfigError
+from metatrain.pipeline.algorithms.errors import AlgorithmConfigError
 
 #: The algorithm names, one module each under pipeline/algorithms/.
 ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "mann", "memory", "protonet", "matching", "relation",

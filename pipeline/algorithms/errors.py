@@ -1,6 +1,6 @@
 """Errors the algorithms raise for bad input; all are :class:`tasks.errors.MetatrainError` (one-line messages)."""
 
-from tasks.errors import MetatrainError
+from metatrain.tasks.errors import MetatrainError
 
 
 class AlgorithmConfigError(MetatrainError):

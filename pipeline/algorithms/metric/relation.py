@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from metatrain.tasks.episode import Episode
 from torch import nn
 
-from pipeline.algorithms.config import AlgorithmConfig
-from pipeline.algorithms.embedding import call, check_episode, embed_episode, interface
-from pipeline.algorithms.inner_loop import Params
-from tasks.episode import Episode
+from metatrain.pipeline.algorithms.config import AlgorithmConfig
+from metatrain.pipeline.algorithms.gradient.inner_loop import Params
+from metatrain.pipeline.algorithms.metric.embedding import call, check_episode, embed_episode, interface
 
 NAME = "relation"
 

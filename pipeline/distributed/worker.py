@@ -21,10 +21,10 @@ import time
 
 import torch
 
-from pipeline.algorithms import get_algorithm, meta_gradient_tasks
-from pipeline.components import build_model, build_sampler, image_shape, open_store
-from pipeline.config import Config
-from pipeline.gradient_tree import cover, tree_sums
+from metatrain.pipeline.algorithms import get_algorithm, meta_gradient_tasks
+from metatrain.pipeline.components import build_model, build_sampler, image_shape, open_store
+from metatrain.pipeline.config import Config
+from metatrain.pipeline.distributed.gradient_tree import cover, tree_sums
 
 Params = dict[str, torch.Tensor]
 

@@ -31,9 +31,10 @@ import pyarrow.parquet as pq
 import ray
 import torch
 import yaml
+from metatrain.tasks.errors import MetatrainError
 
-from pipeline.checkpoint import latest_checkpoint, load_checkpoint, load_latest, save_checkpoint
-from pipeline.components import (
+from metatrain.pipeline.checkpoint import latest_checkpoint, load_checkpoint, load_latest, save_checkpoint
+from metatrain.pipeline.components import (
     build_model,
     build_sampler,
     example_input,
@@ -42,9 +43,11 @@ from pipeline.components import (
     initial_params,
     open_store,
 )
-from pipeline.config import Config, ConfigError, config_from_dict, load_config
-from pipeline.engine import Engine, EngineError, check_resources
-from pipeline.tracking import (
+from metatrain.pipeline.config import Config, ConfigError, config_from_dict, load_config
+from metatrain.pipeline.distributed.engine import Engine, EngineError, check_resources
+from metatrain.pipeline.distributed.trainer import Trainer
+from metatrain.pipeline.distributed.worker import TaskWorkerCore
+from metatrain.pipeline.tracking import (
     RunTracker,
     TrackingError,
     check_tracking,
@@ -53,9 +56,6 @@ from pipeline.tracking import (
     learning_curve_figure,
     resolve_tracking_uri,
 )
-from pipeline.trainer import Trainer
-from pipeline.worker import TaskWorkerCore
-from tasks.errors import MetatrainError
 
 OUT_TAG = "metatrain.out_dir"
 
@@ -265,7 +265,7 @@ def _check_out_dir(out: Path, resuming: bool) -> None:
 def write_warm_start(cfg: Config, checkpoint_dir: Path, params: dict, source: str) -> None:
     """Start a new run from ``params`` (e.g. the champion's): a step-0 checkpoint with a fresh optimizer, which the
     parameter server restores like any other. The parameters must fit this config's model exactly."""
-    from pipeline.parameter_server import ParameterServerCore
+    from metatrain.pipeline.distributed.parameter_server import ParameterServerCore
 
     model = build_model(cfg, image_shape(cfg))
     init = initial_params(cfg, model)
@@ -454,7 +454,7 @@ def evaluate(run: str | None = None, model_uri: str | None = None, *, tasks: int
     except ConfigError as e:
         raise RunError(f"{what}: its stored config is not valid here ({e})") from None
     data = {k: v for k, v in base.to_dict().items()}
-    from pipeline.config import apply_overrides, build
+    from metatrain.pipeline.config import apply_overrides, build
 
     cfg = build(Config, apply_overrides(data, list(overrides)))
     if tasks is not None:

@@ -20,8 +20,8 @@ import numpy as np
 import ray
 from ray.exceptions import RayActorError
 
-from pipeline.config import Config
-from pipeline.engine import Engine, EngineError, WeightsLost
+from metatrain.pipeline.config import Config
+from metatrain.pipeline.distributed.engine import Engine, EngineError, WeightsLost
 
 
 def _mean_metrics(metas: list[dict]) -> dict[str, float]:

@@ -31,8 +31,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
-
-from tasks.errors import MetatrainError
+from metatrain.tasks.errors import MetatrainError
 
 AXES = ("algorithm", "ways", "shots", "queries", "rotations", "train_split", "test_split", "inner_steps",
         "eval_inner_steps")
@@ -74,7 +73,7 @@ def _err(path: Path, msg: str) -> StudyError:
 
 def load_study(path: str | Path) -> Study:
     """Parse and check a study file; every cell's config is loaded (and so validated) before anything runs."""
-    from pipeline.config import load_config
+    from metatrain.pipeline.config import load_config
 
     path = Path(path)
     if not path.is_file():
@@ -160,7 +159,7 @@ def _record(out: Path, cell: Cell) -> None:
 
 
 def _run_cell(cell: Cell, out: str, uri: str, parent: str, study: str, in_ray_task: bool) -> str:
-    from pipeline.driver import train
+    from metatrain.pipeline.jobs.train import train
 
     result = train(cell.config, list(cell.overrides), out=str(Path(out) / "cells" / cell.id), tracking_uri=uri,
                    quiet=True, handle_signals=not in_ray_task,
@@ -224,8 +223,8 @@ def run_study(path: str | Path, *, out: str | None = None, tracking_uri: str | N
     import ray
     from mlflow.tracking import MlflowClient
 
-    from pipeline.driver import init_ray
-    from pipeline.tracking import check_tracking, resolve_tracking_uri
+    from metatrain.pipeline.jobs.train import init_ray
+    from metatrain.pipeline.tracking import check_tracking, resolve_tracking_uri
 
     study = load_study(path)
     out_dir = Path(out) if out else Path("runs") / "studies" / study.name
@@ -252,7 +251,7 @@ def run_study(path: str | Path, *, out: str | None = None, tracking_uri: str | N
         print(f"metatrain: study {study.name}: {skipped} of {len(study.cells)} cells already done, skipping them")
     started_ray = init_ray(ray_address)
     try:
-        from pipeline.config import load_config
+        from metatrain.pipeline.config import load_config
 
         cpus = ray.cluster_resources().get("CPU", 1)
         per_cell = max(c.workers.count * c.workers.cpus for c in (load_config(x.config, x.overrides) for x in todo)) \

@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import ray
+from metatrain.tasks.errors import MetatrainError
 from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
-from pipeline.actors import ParameterServer, TaskWorker
-from pipeline.config import Config, ConfigError
-from tasks.errors import MetatrainError
+from metatrain.pipeline.config import Config, ConfigError
+from metatrain.pipeline.distributed.actors import ParameterServer, TaskWorker
 
 PLACEMENT_TIMEOUT_S = 60.0
 PS_RECOVERY_TIMEOUT_S = 180.0

@@ -18,13 +18,13 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from metatrain.tasks.episode import SequenceEpisode
 from torch import nn
 from torch.func import functional_call
 
-from pipeline.algorithms.config import AlgorithmConfig
-from pipeline.algorithms.errors import AlgorithmConfigError, TaskMismatchError
-from pipeline.algorithms.inner_loop import Key, Metrics, Params, check_finite, leaves
-from tasks.episode import SequenceEpisode
+from metatrain.pipeline.algorithms.config import AlgorithmConfig
+from metatrain.pipeline.algorithms.errors import AlgorithmConfigError, TaskMismatchError
+from metatrain.pipeline.algorithms.gradient.inner_loop import Key, Metrics, Params, check_finite, leaves
 
 NAME = "mann"
 #: ``task_batching: auto`` runs a worker's episodes as one batch even on the CPU: the cost of a sequence model is the

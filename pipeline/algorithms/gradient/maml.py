@@ -18,10 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from metatrain.tasks.episode import Episode
 from torch import nn
 
-from pipeline.algorithms.config import AlgorithmConfig
-from pipeline.algorithms.inner_loop import (
+from metatrain.pipeline.algorithms.config import AlgorithmConfig
+from metatrain.pipeline.algorithms.gradient.inner_loop import (
     GradientSpec,
     Key,
     Metrics,
@@ -34,7 +35,6 @@ from pipeline.algorithms.inner_loop import (
     gradient_meta_gradient,
     support_only,
 )
-from tasks.episode import Episode
 
 NAME = "maml"
 SPEC = GradientSpec(NAME, second_order=lambda cfg: True, adapt_keys=all_keys, lr_at=fixed_lr)

@@ -15,13 +15,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from metatrain.tasks.episode import Episode
 from torch import nn
 from torch.func import functional_call
 
-from pipeline.algorithms.config import AlgorithmConfig
-from pipeline.algorithms.errors import AlgorithmConfigError, TaskMismatchError
-from pipeline.algorithms.inner_loop import Key, Metrics, Params, check_finite, leaves
-from tasks.episode import Episode
+from metatrain.pipeline.algorithms.config import AlgorithmConfig
+from metatrain.pipeline.algorithms.errors import AlgorithmConfigError, TaskMismatchError
+from metatrain.pipeline.algorithms.gradient.inner_loop import Key, Metrics, Params, check_finite, leaves
 
 Scores = Callable[[Params, Episode, AlgorithmConfig, nn.Module], tuple[torch.Tensor, torch.Tensor]]
 

@@ -29,11 +29,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from metatrain.tasks.episode import Episode
 from torch import nn
 
-from pipeline.algorithms.config import AlgorithmConfig
-from pipeline.algorithms.errors import AlgorithmConfigError
-from pipeline.algorithms.inner_loop import (
+from metatrain.pipeline.algorithms.config import AlgorithmConfig
+from metatrain.pipeline.algorithms.errors import AlgorithmConfigError
+from metatrain.pipeline.algorithms.gradient.inner_loop import (
     Functional,
     Key,
     Metrics,
@@ -49,7 +50,6 @@ from pipeline.algorithms.inner_loop import (
     task_metrics,
     with_diagnosis,
 )
-from tasks.episode import Episode
 
 NAME = "reptile"
 ADAM_EPS = 1e-8

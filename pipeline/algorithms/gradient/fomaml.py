@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from metatrain.tasks.episode import Episode
 from torch import nn
 
-from pipeline.algorithms.config import AlgorithmConfig
-from pipeline.algorithms.inner_loop import (
+from metatrain.pipeline.algorithms.config import AlgorithmConfig
+from metatrain.pipeline.algorithms.gradient.inner_loop import (
     GradientSpec,
     Key,
     Metrics,
@@ -28,7 +29,6 @@ from pipeline.algorithms.inner_loop import (
     gradient_meta_gradient,
     support_only,
 )
-from tasks.episode import Episode
 
 NAME = "fomaml"
 SPEC = GradientSpec(NAME, second_order=lambda cfg: False, adapt_keys=all_keys, lr_at=fixed_lr)

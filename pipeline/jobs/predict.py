@@ -23,15 +23,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from metatrain.tasks.episode import Episode
+from metatrain.tasks.errors import DataError, MetatrainError
+from metatrain.tasks.sources import IMAGE_SUFFIXES, RawClass, decode_class, unit_pixels
+from metatrain.tasks.store import read_manifest
 from torch.func import functional_call
 
-from pipeline.algorithms import get_algorithm
-from pipeline.components import build_model
-from pipeline.config import Config, config_from_dict
-from tasks.episode import Episode
-from tasks.errors import DataError, MetatrainError
-from tasks.sources import IMAGE_SUFFIXES, RawClass, decode_class, unit_pixels
-from tasks.store import read_manifest
+from metatrain.pipeline.algorithms import get_algorithm
+from metatrain.pipeline.components import build_model
+from metatrain.pipeline.config import Config, config_from_dict
 
 INNER_LOOP = ("maml", "fomaml", "reptile", "metasgd", "anil")
 
@@ -137,7 +137,7 @@ def predict(state: dict, support: str | Path, query: str | Path, invert: bool | 
             ) -> list[Prediction]:
     """Predictions for every query image, from a checkpoint ``state`` (see module docstring)."""
     cfg = config_from_dict(state["config"])
-    from pipeline.components import image_shape
+    from metatrain.pipeline.components import image_shape
 
     try:
         shape = image_shape(cfg)

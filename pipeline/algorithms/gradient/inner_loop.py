@@ -22,14 +22,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from metatrain.models.base import linear_tasks
+from metatrain.tasks.episode import Episode
 from torch import nn
 from torch.func import functional_call, vmap
 from torch.utils.checkpoint import checkpoint
 
-from models.base import linear_tasks
-from pipeline.algorithms.config import AlgorithmConfig
-from pipeline.algorithms.errors import AlgorithmConfigError, NonFiniteGradientError, TaskMismatchError
-from tasks.episode import Episode
+from metatrain.pipeline.algorithms.config import AlgorithmConfig
+from metatrain.pipeline.algorithms.errors import AlgorithmConfigError, NonFiniteGradientError, TaskMismatchError
 
 Params = dict[str, torch.Tensor]
 Metrics = dict[str, float]

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from metatrain.tasks.episode import Episode
 from torch import nn
 
-from pipeline.algorithms.config import AlgorithmConfig
-from pipeline.algorithms.inner_loop import (
+from metatrain.pipeline.algorithms.config import AlgorithmConfig
+from metatrain.pipeline.algorithms.gradient.inner_loop import (
     HEAD_PREFIX,
     GradientSpec,
     Key,
@@ -30,7 +31,6 @@ from pipeline.algorithms.inner_loop import (
     gradient_meta_gradient,
     support_only,
 )
-from tasks.episode import Episode
 
 NAME = "anil"
 

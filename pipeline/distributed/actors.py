@@ -18,10 +18,10 @@ import os
 
 import ray
 
-from pipeline.components import build_model, fingerprint, image_shape, initial_params
-from pipeline.config import config_from_dict
-from pipeline.parameter_server import ParameterServerCore
-from pipeline.worker import TaskWorkerCore
+from metatrain.pipeline.components import build_model, fingerprint, image_shape, initial_params
+from metatrain.pipeline.config import config_from_dict
+from metatrain.pipeline.distributed.parameter_server import ParameterServerCore
+from metatrain.pipeline.distributed.worker import TaskWorkerCore
 
 
 @ray.remote

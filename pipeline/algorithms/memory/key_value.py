@@ -18,15 +18,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from metatrain.models.memory_module import Memory
+from metatrain.tasks.episode import Episode
 from torch import nn
 from torch.func import functional_call
 
-from models.memory_module import Memory
-from pipeline.algorithms.config import AlgorithmConfig
-from pipeline.algorithms.embedding import _Where, unstack
-from pipeline.algorithms.errors import AlgorithmConfigError, TaskMismatchError
-from pipeline.algorithms.inner_loop import Key, Metrics, Params, check_finite, leaves
-from tasks.episode import Episode
+from metatrain.pipeline.algorithms.config import AlgorithmConfig
+from metatrain.pipeline.algorithms.errors import AlgorithmConfigError, TaskMismatchError
+from metatrain.pipeline.algorithms.gradient.inner_loop import Key, Metrics, Params, check_finite, leaves
+from metatrain.pipeline.algorithms.metric.embedding import _Where, unstack
 
 NAME = "memory"
 

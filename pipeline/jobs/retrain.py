@@ -33,8 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from tasks.errors import MetatrainError
+from metatrain.tasks.errors import MetatrainError
 
 CHAMPION, PREVIOUS = "champion", "previous"
 MIN_EVAL_TASKS = 600
@@ -150,8 +149,8 @@ def retrain(config: str, name: str, *, budget_steps: int | None = None, override
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from pipeline.driver import checkpoint_of, train
-    from pipeline.worker import TaskWorkerCore
+    from metatrain.pipeline.distributed.worker import TaskWorkerCore
+    from metatrain.pipeline.jobs.train import checkpoint_of, train
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
@@ -173,7 +172,7 @@ def retrain(config: str, name: str, *, budget_steps: int | None = None, override
         warm = ({k: v for k, v in state["params"].items()}, f"{name} v{champion.version} (@{CHAMPION})")
     champion_version = None if champion is None else str(champion.version)
     extra = list(overrides) + ([f"train.steps={budget_steps}"] if budget_steps else [])
-    from pipeline.config import load_config
+    from metatrain.pipeline.config import load_config
 
     if load_config(config, extra).train.eval_tasks < MIN_EVAL_TASKS:
         raise RetrainError(f"train.eval_tasks must be >= {MIN_EVAL_TASKS} for a retrain: the promotion decision "
@@ -195,7 +194,7 @@ def retrain(config: str, name: str, *, budget_steps: int | None = None, override
     champion_acc = None
     if champion is not None:
         # The champion on exactly the challenger's test tasks: same config (data, eval seed), same slots.
-        from pipeline.config import config_from_dict
+        from metatrain.pipeline.config import config_from_dict
 
         cfg = config_from_dict(yaml_config(Path(out) / "config.yaml"))
         core = TaskWorkerCore(cfg)

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.checkpoint import capture_rng, load_latest, restore_rng, save_checkpoint, save_named
-from pipeline.config import OptimConfig
-from pipeline.gradient_tree import combine, is_node, leaves_of
+from metatrain.pipeline.checkpoint import capture_rng, load_latest, restore_rng, save_checkpoint, save_named
+from metatrain.pipeline.config import OptimConfig
+from metatrain.pipeline.distributed.gradient_tree import combine, is_node, leaves_of
 
 Params = dict[str, torch.Tensor]
 

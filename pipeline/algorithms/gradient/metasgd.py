@@ -23,11 +23,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from metatrain.tasks.episode import Episode
 from torch import nn
 
-from pipeline.algorithms.config import AlgorithmConfig
-from pipeline.algorithms.errors import AlgorithmConfigError
-from pipeline.algorithms.inner_loop import (
+from metatrain.pipeline.algorithms.config import AlgorithmConfig
+from metatrain.pipeline.algorithms.errors import AlgorithmConfigError
+from metatrain.pipeline.algorithms.gradient.inner_loop import (
     LR_PREFIX,
     GradientSpec,
     Key,
@@ -41,7 +42,6 @@ from pipeline.algorithms.inner_loop import (
     gradient_meta_gradient,
     support_only,
 )
-from tasks.episode import Episode
 
 NAME = "metasgd"
 

@@ -1,0 +1,1 @@
+"""Memory-augmented learners: MANN (NTM addressing, LRUA) and Kaiser et al.'s key-value memory."""

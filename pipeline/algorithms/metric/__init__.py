@@ -1,0 +1,1 @@
+"""Metric learners: the support set is embedded, queries are scored against it."""
