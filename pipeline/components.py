@@ -7,8 +7,6 @@ config. Nothing here starts Ray.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import torch
@@ -106,7 +104,7 @@ def example_input(cfg: Config) -> torch.Tensor:
     shape = image_shape(cfg)
     if shape is None:
         return torch.zeros(cfg.data.shots, 1)
-    if cfg.model.name in ("mann", "lstm"):
+    if cfg.sequence_episodes:  # a sequence model: one sequence of images, each with the previous label
         c, h, w = shape
         return torch.zeros(1, cfg.data.ways * cfg.data.instances, c * h * w + cfg.data.ways)
     return torch.zeros(cfg.data.ways, *shape)
@@ -131,7 +129,3 @@ def fingerprint(cfg: Config, model: FewShotModel) -> str:
     extra = {"model": cfg.to_dict()["model"], "algorithm": cfg.algorithm.name, "ways": cfg.data.ways,
              "dataset": cfg.data.dataset, "metasgd_lr": cfg.algorithm.metasgd_lr}
     return model_fingerprint(model, extra)
-
-
-def config_digest(cfg: Config) -> str:
-    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -21,11 +21,16 @@ from typing import Any, Literal
 import yaml
 from metatrain.tasks.errors import MetatrainError
 
+from metatrain.pipeline.algorithms import algorithm_names, get_record
 from metatrain.pipeline.algorithms.config import AlgorithmConfig
 
 
 class ConfigError(MetatrainError):
     """A config file, config field or ``--set`` override is invalid."""
+
+
+def _one_of(names: tuple[str, ...]) -> str:
+    return repr(names[0]) if len(names) == 1 else f"one of {', '.join(names)}"
 
 
 def _require(cond: bool, where: str, message: str) -> None:
@@ -77,12 +82,17 @@ class DataConfig:
         return self.dataset == "sinusoid"
 
 
+#: The model of sinusoid regression; an algorithm whose record lists it can regress.
+SINUSOID_MODEL = "mlp"
+#: Every ``model.name``: the models the registered algorithms' records list, each once, in registry order.
+MODEL_NAMES = tuple(dict.fromkeys(m for a in algorithm_names() for m in get_record(a).models))
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The network whose parameters are meta-learned."""
 
-    name: Literal["conv4", "mlp", "mann", "lstm", "key_encoder", "embedding", "matching", "relation", "siamese"] = \
-        "conv4"
+    name: Literal[MODEL_NAMES] = "conv4"
     """conv4: MAML's 4-block CNN; mlp: the sinusoid MLP (1-40-40-1); mann: LSTM + LRUA memory (Santoro et al.);
     lstm: mann's memory-less baseline; key_encoder: conv4 trunk + linear to key_size (Kaiser et al.'s memory);
     embedding (protonet), matching, relation, siamese: the metric learners' networks (models/metric.py)."""
@@ -252,11 +262,6 @@ class TrackingConfig:
         _require(bool(self.experiment), "tracking.experiment", "must not be empty")
 
 
-#: The models the memory and metric algorithms run (every other algorithm on images runs conv4).
-ALGORITHM_MODELS = {"mann": ("mann", "lstm"), "memory": ("key_encoder",), "protonet": ("embedding",),
-                    "matching": ("matching",), "relation": ("relation",), "siamese": ("siamese",)}
-
-
 @dataclass(frozen=True)
 class Config:
     """A whole run."""
@@ -277,26 +282,27 @@ class Config:
     """MLflow."""
 
     def __post_init__(self):
-        algo, model = self.algorithm.name, self.model.name
+        algo, model, record = self.algorithm.name, self.model.name, self.algorithm.record
         if self.data.is_sinusoid:
-            _require(model == "mlp", "model.name", f"must be 'mlp' for data.dataset=sinusoid, got {model!r}")
-            _require(algo not in ALGORITHM_MODELS, "algorithm.name", f"{algo} needs image data, not sinusoids")
-        elif algo in ALGORITHM_MODELS:
-            allowed = ALGORITHM_MODELS[algo]
+            _require(model == SINUSOID_MODEL, "model.name", f"must be {SINUSOID_MODEL!r} for data.dataset=sinusoid, "
+                     f"got {model!r}")
+            _require(SINUSOID_MODEL in record.models, "algorithm.name", f"{algo} needs image data, not sinusoids")
+        else:
+            allowed = tuple(m for m in record.models if m != SINUSOID_MODEL)
+            if SINUSOID_MODEL in record.models:  # it runs other models on other data: say which data this is
+                _require(model in allowed, "model.name", f"must be {_one_of(allowed)} for algorithm.name={algo} on "
+                         f"image data, got {model!r}")
             _require(model in allowed, "model.name", f"must be one of {', '.join(allowed)} for algorithm.name="
                      f"{algo}, got {model!r}")
-        else:
-            _require(model == "conv4", "model.name", f"must be 'conv4' for algorithm.name={algo} on image data, "
-                     f"got {model!r}")
         if self.data.eval_ways not in (None, self.data.ways):
-            _require(algo in ALGORITHM_MODELS and algo != "mann", "data.eval_ways",
+            _require(record.eval_ways_free, "data.eval_ways",
                      f"must equal data.ways for {algo} (its classifier head is data.ways wide); only memory and "
                      f"metric learners can test on other ways")
 
     @property
     def sequence_episodes(self) -> bool:
         """Whether the run draws Santoro sequence episodes (ways x instances) instead of support/query episodes."""
-        return self.algorithm.name == "mann"
+        return self.algorithm.record.sequence_episodes
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -15,6 +15,11 @@ whose adaptation is embedding the support set) exposes the same interface:
 * ``evaluate(params, episode, cfg, model, *, steps=None, batched=False, keys=None) -> metrics`` after
   ``cfg.eval_inner_steps`` (or ``steps``) inner steps; no meta-gradient graph.
 
+Each module also declares ``RECORD``, an :class:`AlgorithmRecord` (family, models, how predict scores, what the
+config may combine it with); the registry is built from the records, and the rest of the pipeline asks
+:func:`get_record` (or ``cfg.record``) rather than comparing names. :func:`register` adds an algorithm from one
+module.
+
 A worker holding several tasks calls :func:`meta_gradient_tasks`, which returns the summed gradient and the task
 count (the parameter server averages the contributions weighted by their counts) and picks the per-task loop or
 the batched path from ``cfg.task_batching`` (``auto``: loop on CPU, where it measured faster, batched on GPU), or
@@ -38,29 +43,68 @@ import torch
 from metatrain.tasks.episode import Episode, SequenceEpisode, stack_episodes, stack_sequence_episodes
 from torch import nn
 
-from metatrain.pipeline.algorithms.config import ALGORITHMS, AlgorithmConfig, unknown_name
+from metatrain.pipeline.algorithms.config import AlgorithmConfig, unknown_name
 from metatrain.pipeline.algorithms.errors import AlgorithmConfigError, NonFiniteGradientError, TaskMismatchError
 from metatrain.pipeline.algorithms.gradient import anil, fomaml, maml, metasgd, reptile
 from metatrain.pipeline.algorithms.gradient.inner_loop import LR_PREFIX, Metrics, Params
 from metatrain.pipeline.algorithms.memory import key_value, mann
 from metatrain.pipeline.algorithms.metric import matching, protonet, relation, siamese
+from metatrain.pipeline.algorithms.record import AlgorithmRecord
 
-__all__ = ["ALGORITHMS", "AlgorithmConfig", "AlgorithmConfigError", "LR_PREFIX", "NonFiniteGradientError",
-           "TaskMismatchError", "anil", "evaluate_tasks", "fomaml", "get_algorithm", "init_params", "maml", "mann",
-           "matching", "measure_task_batching", "key_value", "meta_gradient_tasks", "metasgd", "protonet", "relation",
-           "reptile", "siamese", "use_batched"]
+__all__ = ["ALGORITHMS", "AlgorithmConfig", "AlgorithmConfigError", "AlgorithmRecord", "LR_PREFIX",
+           "NonFiniteGradientError", "TaskMismatchError", "algorithm_names", "anil", "evaluate_tasks", "fomaml",
+           "get_algorithm", "get_record", "init_params", "maml", "mann", "matching", "measure_task_batching",
+           "key_value", "meta_gradient_tasks", "metasgd", "protonet", "register", "relation", "reptile", "siamese",
+           "unregister", "use_batched"]
 
-_REGISTRY: dict[str, ModuleType] = {m.NAME: m for m in (maml, fomaml, reptile, metasgd, anil, mann, key_value, protonet,
-                                                         matching, relation, siamese)}
-assert tuple(_REGISTRY) == ALGORITHMS
+#: What every algorithm module must define besides its RECORD.
+INTERFACE = ("init_extra_params", "adapt", "meta_gradient", "meta_gradient_batched", "evaluate")
+
+_REGISTRY: dict[str, ModuleType] = {}
 
 
-def get_algorithm(name: str) -> ModuleType:
-    """The module implementing ``name``; an unknown name raises with the closest known one suggested."""
+def register(module: ModuleType, *, replace: bool = False) -> ModuleType:
+    """Add the algorithm implemented by ``module`` (its ``RECORD`` and the uniform functions) under its name."""
+    record = getattr(module, "RECORD", None)
+    if not isinstance(record, AlgorithmRecord):
+        raise AlgorithmConfigError(f"RECORD: module {module.__name__} has no AlgorithmRecord named RECORD")
+    missing = [f for f in INTERFACE if not callable(getattr(module, f, None))]
+    if missing:
+        raise AlgorithmConfigError(f"{record.name}: module {module.__name__} lacks {', '.join(missing)}")
+    if record.name in _REGISTRY and not replace and _REGISTRY[record.name] is not module:
+        raise AlgorithmConfigError(f"name: algorithm {record.name!r} is already registered")
+    _REGISTRY[record.name] = module
+    return module
+
+
+def unregister(name: str) -> None:
+    """Remove a registered algorithm (for tests and plug-ins)."""
+    _REGISTRY.pop(name, None)
+
+
+for _m in (maml, fomaml, reptile, metasgd, anil, mann, key_value, protonet, matching, relation, siamese):
+    register(_m)
+
+#: The built-in algorithm names, in registry order (:func:`algorithm_names` includes later registrations).
+ALGORITHMS = tuple(_REGISTRY)
+
+
+def algorithm_names() -> tuple[str, ...]:
+    """Every registered algorithm name, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def get_algorithm(name: str, field: str = "algorithm") -> ModuleType:
+    """The module implementing ``name``; an unknown name raises (naming ``field``) with the closest one suggested."""
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
-        raise unknown_name("algorithm", name, ALGORITHMS) from None
+        raise unknown_name(field, name, algorithm_names()) from None
+
+
+def get_record(name: str, field: str = "algorithm") -> AlgorithmRecord:
+    """The :class:`AlgorithmRecord` of ``name`` (unknown names raise as in :func:`get_algorithm`)."""
+    return get_algorithm(name, field).RECORD
 
 
 def init_params(model: nn.Module, cfg: AlgorithmConfig) -> Params:
@@ -78,7 +122,7 @@ def use_batched(cfg: AlgorithmConfig, params: Params) -> bool:
     """
     if cfg.task_batching != "auto":
         return cfg.task_batching == "batched"
-    if getattr(get_algorithm(cfg.name), "AUTO_BATCHED", False):
+    if get_record(cfg.name).auto_batched:
         return True  # sequence models: batching amortises the per-step Python loop, on any device
     return next(iter(params.values())).device.type == "cuda"
 

@@ -5,7 +5,9 @@
     >>> cfg = AlgorithmConfig.from_dict({"name": "metasgd", "metasgd_lr": "per_layer_step", "multi_step_loss": True})
 
 Fields that only some algorithms read are ignored by the others, except where a combination is certainly a mistake
-(``first_order`` with ``maml``, ``multi_step_loss`` with ``reptile``), which raises.
+(a setting the algorithm's record lists as ``forbidden``: MAML's ``first_order``, Reptile's ``multi_step_loss``),
+which raises. The name is checked against the registry (:mod:`pipeline.algorithms`), looked up when a config is built,
+so this module imports no algorithm.
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from metatrain.pipeline.algorithms.errors import AlgorithmConfigError
 
-#: The algorithm names, one module each under pipeline/algorithms/.
-ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "mann", "memory", "protonet", "matching", "relation",
-              "siamese")
+if TYPE_CHECKING:
+    from metatrain.pipeline.algorithms.record import AlgorithmRecord
+
 DISTANCES = ("euclidean", "cosine")
 REPTILE_OPTIMIZERS = ("sgd", "adam")
 METASGD_LRS = ("per_param", "per_layer_step")
@@ -84,8 +86,7 @@ class AlgorithmConfig:
     """Raise NonFiniteGradientError on a NaN/Inf gradient, naming the step and parameter (one sync per task)."""
 
     def __post_init__(self) -> None:
-        if self.name not in ALGORITHMS:
-            raise unknown_name("name", self.name, ALGORITHMS)
+        record = self.record  # an unknown name raises here, naming the field
         for f in ("first_order", "multi_step_loss", "reptile_shuffle", "per_step_bn", "checkpoint_inner",
                   "check_finite"):
             if not isinstance(getattr(self, f), bool):
@@ -127,11 +128,9 @@ class AlgorithmConfig:
         if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
             raise AlgorithmConfigError(f"reptile_adam_betas: must be two numbers in [0, 1), got {betas!r}")
         object.__setattr__(self, "reptile_adam_betas", tuple(float(b) for b in betas))
-        if self.name == "maml" and self.first_order:
-            raise AlgorithmConfigError("first_order: maml is second order by definition; use name 'fomaml'")
-        if self.name == "reptile" and self.multi_step_loss:
-            raise AlgorithmConfigError("multi_step_loss: reptile has no query loss per step; use it with maml-like "
-                                       "algorithms")
+        for setting, why in record.forbidden:
+            if getattr(self, setting):
+                raise AlgorithmConfigError(f"{setting}: {why}")
         if self.msl_weights is not None:
             w = tuple(self.msl_weights)
             if len(w) != self.inner_steps or not all(isinstance(x, (int, float)) and x >= 0 for x in w) \
@@ -141,6 +140,13 @@ class AlgorithmConfig:
             if not self.multi_step_loss:
                 raise AlgorithmConfigError("msl_weights: set multi_step_loss: true to use them")
             object.__setattr__(self, "msl_weights", tuple(float(x) for x in w))
+
+    @property
+    def record(self) -> AlgorithmRecord:
+        """The registry's record of this algorithm (what the rest of the pipeline asks instead of the name)."""
+        from metatrain.pipeline.algorithms import get_record  # the registry imports the algorithms, which import us
+
+        return get_record(self.name, field="name")
 
     @property
     def loss_weights(self) -> tuple[float, ...]:

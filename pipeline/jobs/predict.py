@@ -33,7 +33,8 @@ from metatrain.pipeline.algorithms import get_algorithm
 from metatrain.pipeline.components import build_model
 from metatrain.pipeline.config import Config, config_from_dict
 
-INNER_LOOP = ("maml", "fomaml", "reptile", "metasgd", "anil")
+#: How each record's ``predict`` turns an algorithm's ``scores`` into probabilities.
+_FROM_SCORES = {"softmax": lambda s: torch.softmax(s, -1), "sigmoid": torch.sigmoid, "probability": lambda s: s}
 
 
 class PredictError(MetatrainError):
@@ -90,20 +91,22 @@ def store_inverts(cfg: Config) -> bool:
 def class_scores(cfg: Config, model, params: dict, episode: Episode) -> torch.Tensor:
     """``(queries, ways)`` probabilities of each class for each query after adapting to the support set."""
     name, algo = cfg.algorithm.name, get_algorithm(cfg.algorithm.name)
+    record = algo.RECORD
     ways = int(episode.support_y.max()) + 1
-    if name in INNER_LOOP:
+    if record.predict == "adapt":
         if ways != model.out_features:
             raise PredictError(f"--support has {ways} classes but this {name} model's head has exactly "
                                f"{model.out_features} ways (data.ways it was trained with)")
         with torch.enable_grad():
             adapted = algo.adapt(params, (episode.support_x, episode.support_y), cfg.algorithm, model,
                                  steps=cfg.algorithm.eval_inner_steps)
-        logits = functional_call(model, {k: v for k, v in adapted.items() if not k.startswith("inner_lr.")},
-                                 (episode.query_x,))
+        prefix = record.param_prefix
+        weights = {k: v for k, v in adapted.items() if prefix is None or not k.startswith(prefix)}
+        logits = functional_call(model, weights, (episode.query_x,))
         return torch.softmax(logits.detach(), -1)
-    if name == "mann":
+    if record.predict == "sequence":
         return _mann_scores(model, params, episode, ways)
-    if name == "memory":
+    if record.predict == "memory":
         keys = functional_call(model, params, (torch.cat([episode.support_x, episode.query_x]),))
         n = episode.support_x.shape[0]
         sims = keys[n:] @ keys[:n].T  # (queries, supports); best slot per class after the support writes
@@ -112,11 +115,7 @@ def class_scores(cfg: Config, model, params: dict, episode: Episode) -> torch.Te
             per_class[:, c] = sims[:, episode.support_y == c].max(1).values
         return torch.softmax(per_class * 10.0, -1)
     _, scores = algo.scores(params, episode, cfg.algorithm, model)
-    if name == "relation":
-        return scores
-    if name == "siamese":
-        return torch.sigmoid(scores)
-    return torch.softmax(scores, -1)
+    return _FROM_SCORES[record.predict](scores)
 
 
 def _mann_scores(model, params: dict, episode: Episode, ways: int) -> torch.Tensor:

@@ -20,30 +20,19 @@ annealing schedule) and per-step batch norm (``per_step_bn``) combine with eithe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
-from metatrain.tasks.episode import Episode
 from torch import nn
 
 from metatrain.pipeline.algorithms.config import AlgorithmConfig
 from metatrain.pipeline.algorithms.errors import AlgorithmConfigError
-from metatrain.pipeline.algorithms.gradient.inner_loop import (
-    LR_PREFIX,
-    GradientSpec,
-    Key,
-    LrAt,
-    Metrics,
-    Params,
-    all_keys,
-    as_batch,
-    gradient_adapt,
-    gradient_evaluate,
-    gradient_meta_gradient,
-    support_only,
-)
+from metatrain.pipeline.algorithms.gradient.inner_loop import LR_PREFIX, GradientSpec, LrAt, Params, all_keys
+from metatrain.pipeline.algorithms.gradient.spec import interface
+from metatrain.pipeline.algorithms.record import GRADIENT_METRICS, AlgorithmRecord
 
-NAME = "metasgd"
+#: The learned rates are stored under LR_PREFIX (``inner_lr.<parameter name>``), which checkpoints depend on.
+RECORD = AlgorithmRecord(name="metasgd", family="gradient", models=("conv4", "mlp"), predict="adapt",
+                         adapts_weights=True, param_prefix=LR_PREFIX, metrics=GRADIENT_METRICS)
+NAME = RECORD.name
 
 
 def init_extra_params(model: nn.Module, cfg: AlgorithmConfig) -> Params:
@@ -72,9 +61,6 @@ def learned_lr(params: Params, cfg: AlgorithmConfig) -> LrAt:
     return lambda key, step: params[LR_PREFIX + key][min(step, last)]
 
 
-SPEC = GradientSpec(NAME, second_order=lambda cfg: not cfg.first_order, adapt_keys=all_keys, lr_at=learned_lr)
-
-
 def msl_weights(steps: int, epoch: int, anneal_epochs: int) -> tuple[float, ...]:
     """MAML++'s multi-step-loss weights at ``epoch``: uniform at 0, the last step's weight growing over
     ``anneal_epochs`` while the others decay to 0.03/steps. Use as ``replace(cfg, msl_weights=...)``."""
@@ -87,26 +73,6 @@ def msl_weights(steps: int, epoch: int, anneal_epochs: int) -> tuple[float, ...]
     return tuple(w)
 
 
-def adapt(params: Params, support, cfg: AlgorithmConfig, model: nn.Module, *, steps: int | None = None,
-          create_graph: bool = False, batched: bool = False) -> Params:
-    """``steps`` (default ``cfg.inner_steps``) steps with the learned rates; ``inner_lr.*`` come back unchanged."""
-    steps = cfg.inner_steps if steps is None else steps
-    return gradient_adapt(SPEC, params, support_only(support, batched), cfg, model, steps, create_graph)
+SPEC = GradientSpec(NAME, second_order=lambda cfg: not cfg.first_order, adapt_keys=all_keys, lr_at=learned_lr)
 
-
-def meta_gradient(params: Params, episode: Episode, cfg: AlgorithmConfig, model: nn.Module) -> tuple[Params, Metrics]:
-    """Meta-gradient for the model and its learned rates (second order unless ``first_order``), plus metrics."""
-    return gradient_meta_gradient(SPEC, params, as_batch(episode, False), cfg, model)
-
-
-def meta_gradient_batched(params: Params, stacked: Episode, cfg: AlgorithmConfig, model: nn.Module,
-                          keys: Sequence[Key] | None = None) -> tuple[Params, Metrics]:
-    """The same for a stack of tasks at once (batched path): gradients SUMMED over tasks, metrics averaged."""
-    return gradient_meta_gradient(SPEC, params, as_batch(stacked, True, keys), cfg, model)
-
-
-def evaluate(params: Params, episode: Episode, cfg: AlgorithmConfig, model: nn.Module, *,
-             steps: int | None = None, batched: bool = False, keys: Sequence[Key] | None = None) -> Metrics:
-    """Adapt with the learned rates for ``cfg.eval_inner_steps`` (or ``steps``) and score the query set."""
-    steps = cfg.eval_inner_steps if steps is None else steps
-    return gradient_evaluate(SPEC, params, as_batch(episode, batched, keys), cfg, model, steps)
+init_extra_params, adapt, meta_gradient, meta_gradient_batched, evaluate = interface(SPEC, init_extra_params)

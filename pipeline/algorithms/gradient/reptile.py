@@ -50,8 +50,13 @@ from metatrain.pipeline.algorithms.gradient.inner_loop import (
     task_metrics,
     with_diagnosis,
 )
+from metatrain.pipeline.algorithms.record import GRADIENT_METRICS, AlgorithmRecord
 
-NAME = "reptile"
+RECORD = AlgorithmRecord(
+    name="reptile", family="gradient", models=("conv4", "mlp"), predict="adapt", adapts_weights=True,
+    forbidden=(("multi_step_loss", "reptile has no query loss per step; use it with maml-like algorithms"),),
+    metrics=GRADIENT_METRICS)
+NAME = RECORD.name
 ADAM_EPS = 1e-8
 
 

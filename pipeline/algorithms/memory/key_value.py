@@ -27,8 +27,11 @@ from metatrain.pipeline.algorithms.config import AlgorithmConfig
 from metatrain.pipeline.algorithms.errors import AlgorithmConfigError, TaskMismatchError
 from metatrain.pipeline.algorithms.gradient.inner_loop import Key, Metrics, Params, check_finite, leaves
 from metatrain.pipeline.algorithms.metric.embedding import _Where, unstack
+from metatrain.pipeline.algorithms.record import AlgorithmRecord
 
-NAME = "memory"
+RECORD = AlgorithmRecord(name="memory", family="memory", models=("key_encoder",), predict="memory",
+                         adapts_weights=False, eval_ways_free=True)
+NAME = RECORD.name
 
 
 def init_extra_params(model: nn.Module, cfg: AlgorithmConfig) -> Params:  # noqa: ARG001 - uniform interface

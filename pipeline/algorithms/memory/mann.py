@@ -25,11 +25,13 @@ from torch.func import functional_call
 from metatrain.pipeline.algorithms.config import AlgorithmConfig
 from metatrain.pipeline.algorithms.errors import AlgorithmConfigError, TaskMismatchError
 from metatrain.pipeline.algorithms.gradient.inner_loop import Key, Metrics, Params, check_finite, leaves
+from metatrain.pipeline.algorithms.record import AlgorithmRecord
 
-NAME = "mann"
-#: ``task_batching: auto`` runs a worker's episodes as one batch even on the CPU: the cost of a sequence model is the
-#: Python loop over its steps, which a batch of B episodes pays once instead of B times.
-AUTO_BATCHED = True
+#: auto_batched: ``task_batching: auto`` runs a worker's episodes as one batch even on the CPU: the cost of a sequence
+#: model is the Python loop over its steps, which a batch of B episodes pays once instead of B times.
+RECORD = AlgorithmRecord(name="mann", family="memory", models=("mann", "lstm"), predict="sequence",
+                         adapts_weights=False, auto_batched=True, sequence_episodes=True)
+NAME = RECORD.name
 
 
 def init_extra_params(model: nn.Module, cfg: AlgorithmConfig) -> Params:  # noqa: ARG001 - uniform interface

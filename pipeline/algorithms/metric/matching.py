@@ -22,8 +22,11 @@ from torch import nn
 from metatrain.pipeline.algorithms.config import AlgorithmConfig
 from metatrain.pipeline.algorithms.gradient.inner_loop import Params
 from metatrain.pipeline.algorithms.metric.embedding import call, check_episode, embed_episode, interface
+from metatrain.pipeline.algorithms.record import AlgorithmRecord
 
-NAME = "matching"
+RECORD = AlgorithmRecord(name="matching", family="metric", models=("matching",), predict="softmax",
+                         adapts_weights=False, eval_ways_free=True)
+NAME = RECORD.name
 
 
 def attention(query: torch.Tensor, support: torch.Tensor, scale: float = 1.0) -> torch.Tensor:

@@ -19,8 +19,11 @@ from torch import nn
 from metatrain.pipeline.algorithms.config import AlgorithmConfig
 from metatrain.pipeline.algorithms.gradient.inner_loop import Params
 from metatrain.pipeline.algorithms.metric.embedding import check_episode, embed_episode, interface
+from metatrain.pipeline.algorithms.record import AlgorithmRecord
 
-NAME = "protonet"
+RECORD = AlgorithmRecord(name="protonet", family="metric", models=("embedding",), predict="softmax",
+                         adapts_weights=False, eval_ways_free=True, trains_on_more_ways=True)
+NAME = RECORD.name
 
 
 def scores(params: Params, episode: Episode, cfg: AlgorithmConfig, model: nn.Module

@@ -20,8 +20,11 @@ from torch import nn
 from metatrain.pipeline.algorithms.config import AlgorithmConfig
 from metatrain.pipeline.algorithms.gradient.inner_loop import Params
 from metatrain.pipeline.algorithms.metric.embedding import call, check_episode, embed_episode, interface
+from metatrain.pipeline.algorithms.record import AlgorithmRecord
 
-NAME = "relation"
+RECORD = AlgorithmRecord(name="relation", family="metric", models=("relation",), predict="probability",
+                         adapts_weights=False, eval_ways_free=True)
+NAME = RECORD.name
 
 
 def scores(params: Params, episode: Episode, cfg: AlgorithmConfig, model: nn.Module  # noqa: ARG001

@@ -1,0 +1,72 @@
+"""One record per algorithm: everything the rest of the pipeline needs to know about it, declared in its module.
+
+Each algorithm module declares ``RECORD = AlgorithmRecord(...)`` next to its functions; the registry
+(:mod:`pipeline.algorithms`) is built from those records, and code elsewhere asks the record (``get_record(name)``
+or ``cfg.algorithm.record``) instead of comparing algorithm names.
+
+    >>> from pipeline.algorithms import get_record
+    >>> rec = get_record(cfg.algorithm.name)
+    >>> rec.adapts_weights, rec.models[0], rec.predict        # e.g. (True, 'conv4', 'adapt')
+
+This module imports nothing of the algorithms (the config module and every algorithm import it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Family = Literal["gradient", "memory", "metric"]
+Predict = Literal["adapt", "sequence", "memory", "softmax", "sigmoid", "probability"]
+
+#: The metrics every SGD-inner-loop algorithm reports (before adaptation on the support set, after on the query).
+GRADIENT_METRICS = ("support_loss", "support_acc", "query_loss", "query_acc")
+#: The metrics of the algorithms without an inner loop (memory and metric learners).
+QUERY_METRICS = ("query_loss", "query_acc")
+
+
+@dataclass(frozen=True)
+class AlgorithmRecord:
+    """The facts about one algorithm that code outside its module may depend on."""
+
+    name: str
+    """The registry key and the value of ``algorithm.name`` in a config."""
+    family: Family
+    """'gradient' (inner SGD loop), 'memory' (adaptation is writing a memory) or 'metric' (embedding the support)."""
+    models: tuple[str, ...]
+    """The ``model.name`` values it runs, the first being the default; 'mlp' (the sinusoid MLP) means regression."""
+    predict: Predict
+    """How predict scores classes: 'adapt' (inner loop, then softmax of the logits), 'sequence' (a sequence model's
+    last output), 'memory' (nearest written key per class), or the metric scores' 'softmax', 'sigmoid', or
+    'probability' (already probabilities)."""
+    adapts_weights: bool
+    """Whether the inner loop adapts weights (so eval inner steps mean something); else the support is embedded or
+    written to memory."""
+    param_prefix: str | None = None
+    """Key prefix of its own extra meta-parameters (Meta-SGD's learned rates), not the model's; None: it has none."""
+    auto_batched: bool = False
+    """``task_batching: auto`` batches a worker's tasks even on the CPU (sequence models: one Python loop for all)."""
+    sequence_episodes: bool = False
+    """Whether it trains on Santoro sequence episodes (ways x instances) instead of support/query episodes."""
+    eval_ways_free: bool = False
+    """Whether ``data.eval_ways`` may differ from ``data.ways`` (no classifier head fixed to data.ways)."""
+    trains_on_more_ways: bool = False
+    """Trained on more ways than tested on (Snell et al.): a study's ways axis varies ``data.eval_ways`` only."""
+    forbidden: tuple[tuple[str, str], ...] = ()
+    """Boolean settings that are a mistake with this algorithm when true, each with the reason shown."""
+    metrics: tuple[str, ...] = QUERY_METRICS
+    """The metrics ``meta_gradient`` and ``evaluate`` report (a sequence model adds ``inst<k>_acc``)."""
+
+    def forbids(self, setting: str) -> bool:
+        """Whether ``setting: true`` is rejected for this algorithm."""
+        return any(f == setting for f, _ in self.forbidden)
+
+    @property
+    def first_order_allowed(self) -> bool:
+        """Whether ``first_order: true`` is accepted."""
+        return not self.forbids("first_order")
+
+    @property
+    def multi_step_loss_allowed(self) -> bool:
+        """Whether ``multi_step_loss: true`` is accepted."""
+        return not self.forbids("multi_step_loss")
