@@ -42,6 +42,11 @@ class WeightsLost(Exception):
     """The weights object a call depended on is gone (its owner, the parameter server, died): refetch and redo."""
 
 
+class ActorLost(Exception):
+    """An actor died under a call: the parameter server (``recover_parameter_server``) or, for an async push, the
+    worker that computed it (``ps_alive`` tells which). Ray's own error is its ``__cause__``."""
+
+
 def _is_lost_object(e: BaseException | None) -> bool:
     return isinstance(e, ObjectLostError)
 
@@ -104,13 +109,16 @@ def check_resources(cfg: Config) -> None:
 class Engine:
     """The actors of one run and the loops that feed them; see the module docstring."""
 
-    def __init__(self, cfg: Config, checkpoint_dir: str, log: Callable[[str], None] = print):
+    def __init__(self, cfg: Config, checkpoint_dir: str, log: Callable[[str], None] = print,
+                 check: bool = True):
+        """``check=False``: the caller has already run ``check_resources(cfg)`` on this cluster."""
         self.cfg = cfg
         self.log = log
         self.faults = FaultLog()
         self.speeds: dict[int, float] = {}  # worker index -> tasks/s of its last compute calls (moving average)
         w = cfg.workers
-        check_resources(cfg)
+        if check:
+            check_resources(cfg)
         bundle = {"CPU": w.cpus} | ({"GPU": w.gpus} if w.gpus else {})
         if not any(bundle.values()):
             bundle = {"CPU": 0.01}  # a placement group bundle cannot be empty
@@ -162,7 +170,19 @@ class Engine:
     # ---- the parameter server -----------------------------------------------------------------------------------
 
     def ps_status(self, timeout: float = PS_RECOVERY_TIMEOUT_S) -> dict:
-        return ray.get(self.ps.status.remote(), timeout=timeout)
+        """The parameter server's version, counters, pid, restored checkpoint and extras; ``ActorLost`` if it died."""
+        try:
+            return ray.get(self.ps.status.remote(), timeout=timeout)
+        except RayActorError as e:
+            raise ActorLost(f"parameter server: {type(e).__name__}") from e
+
+    def ps_alive(self, timeout: float = 5.0) -> bool:
+        """Whether the parameter server answers within ``timeout`` seconds."""
+        try:
+            self.ps_status(timeout=timeout)
+        except Exception:
+            return False
+        return True
 
     def recover_parameter_server(self) -> int:
         """Wait for Ray to restart the parameter server (it restores its newest checkpoint); return its version."""
@@ -172,10 +192,12 @@ class Engine:
             try:
                 status = self.ps_status(timeout=max(1.0, deadline - time.monotonic()))
                 break
-            except RayActorError:
+            except ActorLost:
                 if time.monotonic() > deadline:
                     raise EngineError("the parameter server died and did not come back") from None
                 time.sleep(0.5)
+            except GetTimeoutError:
+                raise EngineError("the parameter server died and did not come back") from None
         msg = (f"parameter server restarted (pid {status['pid']}), restored {status['restored_from'] or 'nothing'}; "
                f"continuing from step {status['version'] + 1}")
         self.faults.events.append(msg)
@@ -183,12 +205,33 @@ class Engine:
         return int(status["version"])
 
     def get_weights(self):
-        """(version, ref) of the current meta-parameters."""
-        version, (ref,) = ray.get(self.ps.get_weights.remote())
+        """(version, ref) of the current meta-parameters; ``ActorLost`` if the parameter server died."""
+        try:
+            version, (ref,) = ray.get(self.ps.get_weights.remote())
+        except RayActorError as e:
+            raise ActorLost(f"parameter server: {type(e).__name__}") from e
         return version, ref
 
     def apply(self, step: int, metas: list[dict], grad_refs: list) -> dict:
-        return ray.get(self.ps.apply_gradients.remote(step, metas, *grad_refs))
+        """One optimizer step from the workers' gradient refs; ``ActorLost`` if the parameter server died."""
+        try:
+            return ray.get(self.ps.apply_gradients.remote(step, metas, *grad_refs))
+        except RayActorError as e:
+            raise ActorLost(f"parameter server: {type(e).__name__}") from e
+
+    def set_extra(self, **values) -> None:
+        """Values stored with every later checkpoint (run id, image shape, best validation score)."""
+        try:
+            ray.get(self.ps.set_extra.remote(**values))
+        except RayActorError as e:
+            raise ActorLost(f"parameter server: {type(e).__name__}") from e
+
+    def checkpoint(self, name: str | None = None, timeout: float | None = None) -> str | None:
+        """Have the parameter server write a checkpoint (periodic, or ``name``: "best", "final"); return its path."""
+        try:
+            return ray.get(self.ps.checkpoint.remote(name), timeout=timeout)
+        except RayActorError as e:
+            raise ActorLost(f"parameter server: {type(e).__name__}") from e
 
     # ---- dispatching slots --------------------------------------------------------------------------------------
 
@@ -198,7 +241,8 @@ class Engine:
             raise EngineError("every worker has failed; see the events above")
         return live
 
-    def _fail(self, ws: WorkerState, job, why: str, size: Callable = len) -> None:
+    def fail_worker(self, ws: WorkerState, job, why: str, size: Callable = len) -> None:
+        """Count a lost call of ``ws`` (its ``size(job)`` slots are recomputed); retire it past its restarts."""
         ws.failures += 1
         self.faults.worker_failures += 1
         self.faults.recomputed_slots += size(job)
@@ -241,7 +285,7 @@ class Engine:
                 ref = min(pending, key=lambda r: pending[r][3])
                 i, ws, _, _ = pending.pop(ref)
                 self.faults.timeouts += 1
-                self._fail(ws, jobs[i], f"no answer within {timeout:g} s", size)
+                self.fail_worker(ws, jobs[i], f"no answer within {timeout:g} s", size)
                 submit(i, avoid=ws)
                 continue
             ref = ready[0]
@@ -260,7 +304,7 @@ class Engine:
                 # answered by refetching the weights and recomputing the step.
                 raise WeightsLost(str(e).strip().splitlines()[0]) from None
             except RayError as e:  # the worker died or its node went away: recompute its slots elsewhere
-                self._fail(ws, jobs[i], type(e).__name__, size)
+                self.fail_worker(ws, jobs[i], type(e).__name__, size)
                 submit(i, avoid=ws)
                 continue
             if i not in results:
@@ -305,3 +349,42 @@ class Engine:
         jobs = split_slots(range(n_tasks), 4 * len(self.alive()))  # smaller jobs balance uneven workers
         done = self.dispatch(jobs, lambda h, job: h.evaluate.remote(weights_ref, split, step, job))
         return sorted((row for _, rows, _ in done for row in rows), key=lambda r: r["slot"])
+
+    # ---- async pushes: one compute call at a time per worker, finished in arrival order -------------------------
+
+    def submit(self, ws: WorkerState, step: int, version: int, weights_ref, blocks: list[list[int]]) -> tuple:
+        """Start one compute call on ``ws`` without waiting; return its (meta ref, grads ref).
+
+        ``next_done`` picks the first finished meta ref, ``result`` fetches it; the grads ref goes to ``apply``.
+        """
+        meta_ref, grad_ref = ws.handle.compute.remote(step, version, weights_ref, blocks)
+        return meta_ref, grad_ref
+
+    def next_done(self, refs, timeout: float | None) -> object | None:
+        """The first of ``refs`` to finish, or None if none does within ``timeout`` seconds."""
+        ready, _ = ray.wait(list(refs), num_returns=1, timeout=timeout)
+        return ready[0] if ready else None
+
+    def result(self, ref):
+        """The value of a finished call's ref.
+
+        ``ActorLost``: its actor died; ``WeightsLost``: the weights it used are gone; an error raised by our code in
+        the worker is re-raised as itself.
+        """
+        try:
+            return ray.get(ref)
+        except RayTaskError as e:
+            cause = getattr(e, "cause", None)
+            if _is_lost_object(cause):
+                raise WeightsLost(str(cause).strip().splitlines()[0]) from None
+            if isinstance(cause, MetatrainError):
+                raise cause from None
+            raise
+        except RayActorError as e:
+            raise ActorLost(type(e).__name__) from e
+
+    def wait_all(self, refs, timeout: float | None) -> None:
+        """Wait (at most ``timeout`` seconds) for every one of ``refs`` to finish."""
+        refs = list(refs)
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=timeout)

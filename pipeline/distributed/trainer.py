@@ -7,6 +7,10 @@ continues from the step after its restored checkpoint; if a worker dies, the eng
 each worker computes on the newest weights and its push is applied as it arrives, unless too stale.
 
 The tracker is anything with ``log_metrics(metrics: dict, step: int)`` (the MLflow ``RunTracker`` in a real run).
+The engine is used only through its public methods (``get_weights``, ``compute``, ``apply``, ``evaluate``,
+``set_extra``, ``checkpoint``, ``recover_parameter_server``, ``alive``, ``fail_worker``, and for async mode
+``submit``, ``next_done``, ``result``, ``wait_all``, ``ps_alive``) and its ``faults`` log: the trainer never touches
+Ray, and a pure-Python stand-in drives it in tests.
 """
 
 from __future__ import annotations
@@ -17,11 +21,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import ray
-from ray.exceptions import RayActorError
 
 from metatrain.pipeline.config import Config
-from metatrain.pipeline.distributed.engine import Engine, EngineError, WeightsLost
+from metatrain.pipeline.distributed.engine import ActorLost, Engine, EngineError, WeightsLost
+from metatrain.pipeline.scores import task_metric
 
 
 def _mean_metrics(metas: list[dict]) -> dict[str, float]:
@@ -74,7 +77,7 @@ class Trainer:
     def validate(self, step: int) -> float:
         _, ref = self.engine.get_weights()
         rows = self.engine.evaluate(ref, "val", 0, self.cfg.train.val_tasks)  # the same val tasks every time
-        key = "query_acc" if "query_acc" in rows[0] else "query_loss"
+        key = task_metric(rows)
         value = float(np.mean([r[key] for r in rows]))
         score = value if key == "query_acc" else -value
         name = "val/acc" if key == "query_acc" else "val/mse"
@@ -87,8 +90,8 @@ class Trainer:
             self.history.append({"step": step, **metrics})
         if score > self.best_val:
             self.best_val = score
-            ray.get(self.engine.ps.set_extra.remote(best_val=value, best_step=step))
-            ray.get(self.engine.ps.checkpoint.remote("best"))
+            self.engine.set_extra(best_val=value, best_step=step)
+            self.engine.checkpoint("best")
         return value
 
     def run(self, start_step: int) -> int:
@@ -120,7 +123,7 @@ class Trainer:
                         continue
                     results = self.engine.compute(step, version, ref, range(cfg.train.meta_batch))
                     applied = self.engine.apply(step, [m for m, _ in results], [g for _, g in results])
-                except (RayActorError, WeightsLost):
+                except (ActorLost, WeightsLost):
                     step = self.engine.recover_parameter_server() + 1
                     bar.n = step - 1
                     continue
@@ -155,7 +158,7 @@ class Trainer:
             nonlocal submission
             submission += 1
             version, ref = self.engine.get_weights()
-            meta_ref, grad_ref = ws.handle.compute.remote(submission, version, ref, [list(range(per_push))])
+            meta_ref, grad_ref = self.engine.submit(ws, submission, version, ref, [list(range(per_push))])
             in_flight[meta_ref] = (ws, grad_ref, time.perf_counter())
 
         for ws in self.engine.alive():
@@ -164,25 +167,23 @@ class Trainer:
             if cfg.train.time_budget_s and time.monotonic() - self.started > cfg.train.time_budget_s:
                 bar.write(f"time budget of {cfg.train.time_budget_s:g} s reached after step {applied_step}")
                 break
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=cfg.workers.task_timeout_s)
-            if not ready:
+            done = self.engine.next_done(in_flight, timeout=cfg.workers.task_timeout_s)
+            if done is None:
                 raise EngineError(f"no worker answered within workers.task_timeout_s = "
                                   f"{cfg.workers.task_timeout_s:g} s")
-            ws, grad_ref, t0 = in_flight.pop(ready[0])
+            ws, grad_ref, t0 = in_flight.pop(done)
             try:
-                meta = ray.get(ready[0])
+                meta = self.engine.result(done)
                 applied = self.engine.apply(applied_step + 1, [meta], [grad_ref])
             except WeightsLost:
                 applied_step = self.engine.recover_parameter_server()
                 submit(ws)
                 continue
-            except RayActorError:
-                try:
-                    self.engine.ps_status(timeout=5)
-                except Exception:  # the parameter server itself is gone: wait for its restart
+            except ActorLost:
+                if not self.engine.ps_alive(timeout=5):  # the parameter server itself is gone: wait for its restart
                     applied_step = self.engine.recover_parameter_server()
                 else:
-                    self.engine._fail(ws, list(range(per_push)), "actor died")
+                    self.engine.fail_worker(ws, list(range(per_push)), "actor died")
                 submit(ws if ws.alive else self.engine.alive()[0])
                 continue
             if applied["applied"]:
@@ -195,5 +196,5 @@ class Trainer:
                 self.tracker.log_metrics({"ps/stale_dropped": applied["counters"]["stale_dropped"]},
                                          step=applied_step)
             submit(ws)
-        ray.wait(list(in_flight), num_returns=len(in_flight), timeout=cfg.workers.task_timeout_s)
+        self.engine.wait_all(in_flight, timeout=cfg.workers.task_timeout_s)
         return applied_step
