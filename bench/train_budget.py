@@ -101,7 +101,7 @@ def paired_differences(a: Path, b: Path, columns: list[str]) -> dict[str, tuple[
     import numpy as np
     import pyarrow.parquet as pq
 
-    from metatrain.pipeline.jobs.retrain import ci95
+    from metatrain.pipeline.scores import ci95
 
     tables, counts = {}, {}
     for path in (a, b):

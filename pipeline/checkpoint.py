@@ -48,7 +48,6 @@ import json
 import os
 import random
 import re
-import secrets
 import time
 import warnings
 from collections.abc import Mapping
@@ -57,6 +56,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from metatrain.tasks.atomic import TMP_MARK, TMP_PREFIX, atomic_path
 from metatrain.tasks.errors import MetatrainError
 
 FORMAT = "metatrain-checkpoint/1"
@@ -65,9 +65,7 @@ REQUIRED_KEYS = ("format", "fingerprint", "step", "params", "buffers", "optimize
 
 # Periodic checkpoints: exactly 8+ digits, so "ckpt-00000010.pt.tmp" or "ckpt-latest.pt" never count.
 _CKPT_RE = re.compile(r"^ckpt-(\d{8,})\.pt$")
-# Temporary files start with a dot (so no "ckpt-*.pt" glob, ours or a user's, ever matches them).
-_TMP_PREFIX = "."
-_TMP_MARK = ".tmp-"
+# Temporary files (tasks/atomic.py) start with a dot, so no "ckpt-*.pt" glob, ours or a user's, ever matches them.
 # A temp file this old belongs to a crashed writer (a checkpoint write takes seconds, not an hour): remove it.
 _STALE_TMP_S = 3600.0
 
@@ -260,24 +258,9 @@ def apply_checkpoint(state: Mapping, model: torch.nn.Module, optimizer: torch.op
 # --------------------------------------------------------------------------------------------------- writing
 
 
-def _fsync_dir(directory: Path) -> None:
-    # The rename is only durable once the folder entry is on disk; without this a power cut after os.replace can
-    # bring back the old name. Some filesystems refuse O_RDONLY fsync on folders: best effort there.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _remove_stale_temps(directory: Path) -> None:
     now = time.time()
-    for p in directory.glob(f"{_TMP_PREFIX}*{_TMP_MARK}*"):
+    for p in directory.glob(f"{TMP_PREFIX}*{TMP_MARK}*"):
         try:
             if now - p.stat().st_mtime > _STALE_TMP_S:
                 p.unlink()
@@ -286,24 +269,10 @@ def _remove_stale_temps(directory: Path) -> None:
 
 
 def _atomic_save(state: Mapping, final: Path) -> Path:
-    directory = final.parent
-    directory.mkdir(parents=True, exist_ok=True)
-    # pid + random suffix: two writers (a driver restarted while an old one still flushes) never share a temp file.
-    tmp = directory / f"{_TMP_PREFIX}{final.name}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        # Includes KeyboardInterrupt mid-write: the old checkpoint stays, the torn temp file goes.
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    _fsync_dir(directory)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # A KeyboardInterrupt mid-write included: the old checkpoint stays, the torn temp file goes.
+    with atomic_path(final, durable=True) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
     return final
 
 

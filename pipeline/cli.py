@@ -206,8 +206,9 @@ def cmd_eval(args) -> int:
 def cmd_predict(args) -> int:
     from metatrain.pipeline.jobs.predict import predict, write_predictions
     from metatrain.pipeline.jobs.train import RunError, checkpoint_of
+    from metatrain.pipeline.tracking import explicit_tracking_uri
 
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    uri = explicit_tracking_uri(args.tracking_uri)
     if args.model and not uri:
         raise RunError("--model needs the registry: pass --tracking-uri or set MLFLOW_TRACKING_URI")
     state, what = checkpoint_of(args.run, args.model, uri)

@@ -119,18 +119,18 @@ def redact_uri(uri: str) -> str:
     return _QUERY_RE.sub(query, text) if "?" in text else text
 
 
+def explicit_tracking_uri(cli_uri: str | None) -> str | None:
+    """``--tracking-uri`` if given, else ``$MLFLOW_TRACKING_URI``, else None (no store was named)."""
+    return cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
 def resolve_tracking_uri(cli_uri: str | None, out_dir: str | os.PathLike) -> str:
     """``--tracking-uri`` if given, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<abs out_dir>/mlflow.db``.
 
     Always an explicit URI: MLflow 3's implicit default is a SQLite file in the current folder, which scatters runs
     over wherever the command was started from.
     """
-    if cli_uri:
-        return cli_uri
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    return f"sqlite:///{Path(out_dir).resolve() / 'mlflow.db'}"
+    return explicit_tracking_uri(cli_uri) or f"sqlite:///{Path(out_dir).resolve() / 'mlflow.db'}"
 
 
 def default_artifact_root(out_dir: str | os.PathLike) -> str:
@@ -602,11 +602,6 @@ class RunTracker:
 
     def _clean_tags(self, tags: Mapping[str, Any]) -> dict[str, str]:
         return {_clean_key(k): _param_value(str(k), v, MAX_TAG_VALUE_LENGTH) for k, v in tags.items()}
-
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        """Log params now (synchronously); on a resumed run, unchanged ones are skipped, changed ones become tags."""
-        existing = self._client.get_run(self.run_id).data.params
-        self._log_params_now(params, existing)
 
     def _log_params_now(self, params: Mapping[str, Any], existing: Mapping[str, str]) -> None:
         from mlflow.entities import Param

@@ -16,3 +16,11 @@ class DataError(MetatrainError):
 
 class EpisodeError(MetatrainError):
     """An episode cannot be drawn as asked (ways, shots, queries or split do not fit the data)."""
+
+
+def did_you_mean(value: object, known, *, cutoff: float = 0.6) -> str:
+    """``" (did you mean 'x'?)"`` for the name in ``known`` closest to ``value``, or ``""`` when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(str(value), list(known), n=1, cutoff=cutoff)
+    return f" (did you mean {close[0]!r}?)" if close else ""

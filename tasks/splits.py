@@ -19,10 +19,8 @@ Rotation augmentation (each class x {0, 90, 180, 270} degrees as four classes) i
 
 from __future__ import annotations
 
-import difflib
-
 import numpy as np
-from metatrain.tasks.errors import EpisodeError
+from metatrain.tasks.errors import EpisodeError, did_you_mean
 from metatrain.tasks.store import TaskStore
 
 #: scheme -> (partition shuffled, or None for all classes; its class count; ordered (part, count) cuts).
@@ -78,9 +76,7 @@ def resolve_split(store: TaskStore, name: str, split_seed: int = 0) -> np.ndarra
                 return np.sort(order[start:start + n])
             start += n
     known = split_names(store)
-    close = difflib.get_close_matches(name, known, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise EpisodeError(f"unknown split {name!r}{hint}; known splits: {', '.join(known)}")
+    raise EpisodeError(f"unknown split {name!r}{did_you_mean(name, known)}; known splits: {', '.join(known)}")
 
 
 def is_training_split(name: str) -> bool:

@@ -24,7 +24,6 @@ cron or a Ray job runs them).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import math
 import os
@@ -33,7 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock, Timeout
 from metatrain.tasks.errors import MetatrainError
+
+from metatrain.pipeline.scores import ci95, task_metric
+from metatrain.pipeline.tracking import explicit_tracking_uri
 
 CHAMPION, PREVIOUS = "champion", "previous"
 MIN_EVAL_TASKS = 600
@@ -77,10 +80,6 @@ class Decision:
         return f"{name}: {verb}: {ch} vs {old}, margin {100 * self.margin:.2f} points ({self.reason})"
 
 
-def ci95(values: np.ndarray) -> float:
-    return float(1.96 * values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else float("nan")
-
-
 def compare(challenger: np.ndarray, champion: np.ndarray, margin: float | None) -> tuple[bool, float, str]:
     """(better, margin used, reason) for per-task accuracies on the same tasks, in the same order."""
     if challenger.shape != champion.shape:
@@ -114,32 +113,24 @@ def promote_if_better(client, tracking_uri: str, name: str, challenger_version: 
     from mlflow.exceptions import MlflowException
 
     path = _lock_path(tracking_uri, name)
-    with open(path, "a") as fh:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise RetrainError(f"another retrain of {name} holds {path} for over {timeout_s:.0f} s") from None
-                time.sleep(0.2)
+    try:
+        lock = FileLock(path, timeout=timeout_s, poll_interval=0.2).acquire()
+    except Timeout:
+        raise RetrainError(f"another retrain of {name} holds {path} for over {timeout_s:.0f} s") from None
+    with lock:
         try:
-            try:
-                now = str(client.get_model_version_by_alias(name, CHAMPION).version)
-            except MlflowException:
-                now = None
-            if now != (None if compared_against is None else str(compared_against)):
-                return False, (f"@{CHAMPION} moved to v{now} while this retrain compared against "
-                               f"v{compared_against}; re-run to compare against the new champion")
-            if not better:
-                return False, "not better by more than the margin"
-            if now is not None:
-                client.set_registered_model_alias(name, PREVIOUS, now)
-            client.set_registered_model_alias(name, CHAMPION, challenger_version)
-            return True, "better by more than the margin"
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            now = str(client.get_model_version_by_alias(name, CHAMPION).version)
+        except MlflowException:
+            now = None
+        if now != (None if compared_against is None else str(compared_against)):
+            return False, (f"@{CHAMPION} moved to v{now} while this retrain compared against "
+                           f"v{compared_against}; re-run to compare against the new champion")
+        if not better:
+            return False, "not better by more than the margin"
+        if now is not None:
+            client.set_registered_model_alias(name, PREVIOUS, now)
+        client.set_registered_model_alias(name, CHAMPION, challenger_version)
+        return True, "better by more than the margin"
 
 
 def retrain(config: str, name: str, *, budget_steps: int | None = None, overrides: list[str] = (),
@@ -152,7 +143,7 @@ def retrain(config: str, name: str, *, budget_steps: int | None = None, override
     from metatrain.pipeline.distributed.worker import TaskWorkerCore
     from metatrain.pipeline.jobs.train import checkpoint_of, train
 
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    uri = explicit_tracking_uri(tracking_uri)
     if not uri:
         raise RetrainError("retrain needs a model registry shared by its runs: pass --tracking-uri or set "
                            "MLFLOW_TRACKING_URI (e.g. sqlite:///runs/registry.db)")
@@ -187,8 +178,8 @@ def retrain(config: str, name: str, *, budget_steps: int | None = None, override
     import pyarrow.parquet as pq
 
     rows = pq.read_table(Path(out) / "eval_tasks.parquet").to_pylist()
-    key = "query_acc" if "query_acc" in rows[0] else None
-    if key is None:
+    key = task_metric(rows)
+    if key != "query_acc":
         raise RetrainError("retrain compares accuracies; this config's task has none (regression)")
     challenger_acc = np.array([r[key] for r in rows])
     champion_acc = None

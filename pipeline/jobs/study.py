@@ -24,14 +24,14 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
-from metatrain.tasks.errors import MetatrainError
+from metatrain.tasks.atomic import atomic_path
+from metatrain.tasks.errors import MetatrainError, did_you_mean
 
 AXES = ("algorithm", "ways", "shots", "queries", "rotations", "train_split", "test_split", "inner_steps",
         "eval_inner_steps")
@@ -103,11 +103,7 @@ def load_study(path: str | Path) -> Study:
     for combo in combos:
         for axis in combo:
             if axis not in AXES:
-                import difflib
-
-                close = difflib.get_close_matches(str(axis), AXES, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise _err(path, f"unknown axis {axis!r}{hint}; axes: {', '.join(AXES)}")
+                raise _err(path, f"unknown axis {axis!r}{did_you_mean(axis, AXES)}; axes: {', '.join(AXES)}")
     common = data.get("set") or []
     if not isinstance(common, list) or not all(isinstance(x, str) for x in common):
         raise _err(path, "set must be a list of 'section.field=value' strings")
@@ -128,9 +124,9 @@ def load_study(path: str | Path) -> Study:
         overrides = list(common)
         for axis, value in combo.items():
             if axis == "ways":
-                algo = load_config(config, overrides).algorithm.name
-                overrides += [f"data.eval_ways={value}"] if algo == "protonet" else [f"data.ways={value}",
-                                                                                     f"data.eval_ways={value}"]
+                record = load_config(config, overrides).algorithm.record
+                overrides += [f"data.eval_ways={value}"] if record.trains_on_more_ways else [f"data.ways={value}",
+                                                                                             f"data.eval_ways={value}"]
             elif axis != "algorithm":
                 overrides.append(f"{FIELDS[axis]}={value}")
         try:
@@ -153,9 +149,8 @@ def _record(out: Path, cell: Cell) -> None:
         table = table.append_column(axis, pa.array([str(value)] * table.num_rows))
     part = out / "results" / f"cell={cell.id}"
     part.mkdir(parents=True, exist_ok=True)
-    tmp = part / ".part-0.parquet.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, part / "part-0.parquet")
+    with atomic_path(part / "part-0.parquet") as tmp:
+        pq.write_table(table, tmp)
 
 
 def _run_cell(cell: Cell, out: str, uri: str, parent: str, study: str, in_ray_task: bool) -> str:

@@ -18,7 +18,6 @@ The MLflow run ends FINISHED, FAILED (an exception) or KILLED (Ctrl-C); never RU
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -31,6 +30,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 import yaml
+from metatrain.tasks.atomic import atomic_path
 from metatrain.tasks.errors import MetatrainError
 
 from metatrain.pipeline.checkpoint import latest_checkpoint, load_checkpoint, load_latest, save_checkpoint
@@ -47,11 +47,13 @@ from metatrain.pipeline.config import Config, ConfigError, config_from_dict, loa
 from metatrain.pipeline.distributed.engine import Engine, EngineError, check_resources
 from metatrain.pipeline.distributed.trainer import Trainer
 from metatrain.pipeline.distributed.worker import TaskWorkerCore
+from metatrain.pipeline.scores import ci95, task_metric
 from metatrain.pipeline.tracking import (
     RunTracker,
     TrackingError,
     check_tracking,
     default_artifact_root,
+    explicit_tracking_uri,
     flatten_config,
     learning_curve_figure,
     resolve_tracking_uri,
@@ -117,10 +119,10 @@ def init_ray(address: str | None) -> bool:
 
 def summarize(rows: list[dict], cfg: Config, split: str, extra: dict | None = None) -> dict:
     """eval.json: mean of the per-task metric with a 95% normal CI (1.96 * sample std / sqrt(n))."""
-    key = "query_acc" if "query_acc" in rows[0] else "query_loss"
+    key = task_metric(rows)
     values = np.array([r[key] for r in rows], dtype=np.float64)
     n = len(values)
-    ci = 1.96 * values.std(ddof=1) / math.sqrt(n) if n > 1 else float("nan")
+    ci = ci95(values)
     out = {
         "metric": "accuracy" if key == "query_acc" else "mse",
         ("accuracy" if key == "query_acc" else "mse"): float(values.mean()),
@@ -143,8 +145,8 @@ def summarize(rows: list[dict], cfg: Config, split: str, extra: dict | None = No
         for k in range(1, cfg.data.instances + 1):
             v = np.array([r[f"inst{k}_acc"] for r in rows], dtype=np.float64)
             out["instance_accuracy"][str(k)] = float(v.mean())
-            out["instance_ci95"][str(k)] = float(1.96 * v.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
-    elif cfg.algorithm.name not in ("maml", "fomaml", "reptile", "metasgd", "anil"):
+            out["instance_ci95"][str(k)] = ci95(v)
+    elif not cfg.algorithm.record.adapts_weights:
         out["inner_steps"] = None  # the memory or the embedding of the support set adapts, not the weights
     return out | (extra or {})
 
@@ -173,12 +175,10 @@ def instance_accuracy_figure(summary: dict):
 def write_eval(out_dir: Path, summary: dict, rows: list[dict]) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     js, pqf = out_dir / "eval.json", out_dir / "eval_tasks.parquet"
-    tmp = js.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, js)
-    tmp = pqf.with_suffix(".parquet.tmp")
-    pq.write_table(pa.Table.from_pylist(rows), tmp)
-    os.replace(tmp, pqf)
+    with atomic_path(js) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    with atomic_path(pqf) as tmp:
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
     return js, pqf
 
 
@@ -292,7 +292,7 @@ def train(config_path: str | None, overrides: list[str] = (), *, out: str | None
     ``handle_signals``: SIGTERM ends the run as KILLED (off where the caller owns the process, e.g. a Ray task).
     """
     if resume:
-        out_dir, found_uri = _find_run_out(resume, tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or
+        out_dir, found_uri = _find_run_out(resume, explicit_tracking_uri(tracking_uri) or
                                            (f"sqlite:///{Path(out).resolve()}/mlflow.db" if out else None))
         tracking_uri = tracking_uri or found_uri
         saved = out_dir / "config.yaml"
@@ -331,14 +331,15 @@ def train(config_path: str | None, overrides: list[str] = (), *, out: str | None
             (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             tracker.log_artifact(str(out_dir / "config.yaml"))
             engine = Engine(cfg, str((out_dir / "checkpoints").resolve()),
-                            log=lambda s: print(f"metatrain: {s}", file=sys.stderr))
+                            log=lambda s: print(f"metatrain: {s}", file=sys.stderr),
+                            check=False)  # check_resources ran above, before the run was created
             start = engine.ps_status()["version"] + 1
             if resume:
                 print(f"metatrain: resuming run {resume} at step {start}", file=sys.stderr)
                 # Metrics a killed driver had buffered but not sent: all of them go from its journal.
                 tracker.replay_journal()
             # The image shape goes into every checkpoint: predict can then rebuild the model without the store.
-            ray.get(engine.ps.set_extra.remote(run_id=tracker.run_id, image_shape=image_shape(cfg)))
+            engine.set_extra(run_id=tracker.run_id, image_shape=image_shape(cfg))
             trainer = Trainer(cfg, engine, tracker, out_dir, quiet=quiet)
             if resume:
                 # Steps after the checkpoint that the killed driver had logged are redone (to the same values in
@@ -348,10 +349,10 @@ def train(config_path: str | None, overrides: list[str] = (), *, out: str | None
             try:
                 last = trainer.run(start)
             except KeyboardInterrupt:
-                ray.get(engine.ps.checkpoint.remote(), timeout=30)  # resume loses nothing applied so far
+                engine.checkpoint(timeout=30)  # resume loses nothing applied so far
                 raise
-            ray.get(engine.ps.checkpoint.remote())  # a periodic one too: --resume with more steps starts here
-            final = ray.get(engine.ps.checkpoint.remote("final"))
+            engine.checkpoint()  # a periodic one too: --resume with more steps starts here
+            final = engine.checkpoint("final")
             if cfg.train.val_every and last % cfg.train.val_every:
                 trainer.validate(last)  # the final weights are validated too, so best.pt can be them
             _, ref = engine.get_weights()
@@ -445,7 +446,7 @@ def evaluate(run: str | None = None, model_uri: str | None = None, *, tasks: int
         raise RunError("pass exactly one of --run RUN_ID or --model models:/NAME@ALIAS")
     if model_uri and not model_uri.startswith("models:/"):
         raise RunError(f"--model must look like models:/NAME@ALIAS or models:/NAME/VERSION, got {model_uri!r}")
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    uri = explicit_tracking_uri(tracking_uri)
     if model_uri and not uri:
         raise RunError("--model needs the registry: pass --tracking-uri or set MLFLOW_TRACKING_URI")
     state, what = checkpoint_of(run, model_uri, uri)
