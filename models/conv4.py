@@ -16,7 +16,7 @@ statistics exist, so a forward pass never mutates the module. ``bn_steps > 1`` g
 gains and biases (row ``s`` at inner step ``s``; the query pass after ``k`` steps uses row ``k``, so build with
 ``bn_steps = max(inner_steps, eval_inner_steps) + 1``).
 
-    >>> from models import Conv4
+    >>> from metatrain.models import Conv4
     >>> net = Conv4.omniglot(ways=5)
     >>> net(torch.zeros(5, 1, 28, 28)).shape      # (5, 5)
     >>> params = dict(net.named_parameters())    # what the algorithms adapt, via torch.func.functional_call

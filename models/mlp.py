@@ -1,6 +1,6 @@
 """The sinusoid-regression network of the MAML paper (Finn et al. 2017, section 5.1): 1 -> 40 -> 40 -> 1, ReLU.
 
-    >>> from models import SinusoidMLP
+    >>> from metatrain.models import SinusoidMLP
     >>> net = SinusoidMLP()               # hidden=(40, 40)
     >>> net(torch.zeros(10, 1)).shape     # (10, 1)
 """

@@ -25,8 +25,8 @@ count (the parameter server averages the contributions weighted by their counts)
 the batched path from ``cfg.task_batching`` (``auto``: loop on CPU, where it measured faster, batched on GPU), or
 from :func:`measure_task_batching` run once at start.
 
-    >>> from models import Conv4
-    >>> from pipeline.algorithms import AlgorithmConfig, get_algorithm, meta_gradient_tasks
+    >>> from metatrain.models import Conv4
+    >>> from metatrain.pipeline.algorithms import AlgorithmConfig, get_algorithm, meta_gradient_tasks
     >>> model, cfg = Conv4.omniglot(5), AlgorithmConfig(name="maml")
     >>> algo = get_algorithm(cfg.name)
     >>> params = {**dict(model.named_parameters()), **algo.init_extra_params(model, cfg)}

@@ -1,6 +1,6 @@
 """The settings of every meta-learning algorithm, in one frozen dataclass that checks itself.
 
-    >>> from pipeline.algorithms import AlgorithmConfig
+    >>> from metatrain.pipeline.algorithms import AlgorithmConfig
     >>> cfg = AlgorithmConfig(name="maml", inner_lr=0.4, inner_steps=1, eval_inner_steps=3)   # MAML, Omniglot
     >>> cfg = AlgorithmConfig.from_dict({"name": "metasgd", "metasgd_lr": "per_layer_step", "multi_step_loss": True})
 

@@ -4,7 +4,7 @@ Each algorithm module declares ``RECORD = AlgorithmRecord(...)`` next to its fun
 (:mod:`pipeline.algorithms`) is built from those records, and code elsewhere asks the record (``get_record(name)``
 or ``cfg.algorithm.record``) instead of comparing algorithm names.
 
-    >>> from pipeline.algorithms import get_record
+    >>> from metatrain.pipeline.algorithms import get_record
     >>> rec = get_record(cfg.algorithm.name)
     >>> rec.adapts_weights, rec.models[0], rec.predict        # e.g. (True, 'conv4', 'adapt')
 

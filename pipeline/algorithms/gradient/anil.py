@@ -5,7 +5,7 @@ computed once per task (once per inner step only with per-step batch norm) and t
 the inner loop costs a linear layer, not a network. Second order by default (the body's meta-gradient includes the
 path through the head's adaptation on the support features); ``first_order: true`` drops it.
 
-    >>> from pipeline.algorithms import AlgorithmConfig, anil
+    >>> from metatrain.pipeline.algorithms import AlgorithmConfig, anil
     >>> cfg = AlgorithmConfig(name="anil", inner_lr=0.4, inner_steps=1)
     >>> grads, metrics = anil.meta_gradient(params, episode, cfg, model)   # grads for body and head
 """

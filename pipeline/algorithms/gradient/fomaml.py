@@ -3,7 +3,7 @@
 The inner gradients are taken without ``create_graph`` and so act as constants: the chain rule from the adapted
 parameters back to the initial ones is the identity, and no Hessian term (or second-order graph) is computed.
 
-    >>> from pipeline.algorithms import AlgorithmConfig, fomaml
+    >>> from metatrain.pipeline.algorithms import AlgorithmConfig, fomaml
     >>> cfg = AlgorithmConfig(name="fomaml", inner_lr=0.4, inner_steps=1)
     >>> grads, metrics = fomaml.meta_gradient(params, episode, cfg, model)
 """

@@ -4,8 +4,8 @@ The inner loop differentiates the support loss with ``create_graph=True``, so th
 loss at the adapted parameters flows back through every update, Hessian-vector products included. Batch norm uses
 the current episode's statistics (see :mod:`models.layers`).
 
-    >>> from models import Conv4
-    >>> from pipeline.algorithms import AlgorithmConfig, maml
+    >>> from metatrain.models import Conv4
+    >>> from metatrain.pipeline.algorithms import AlgorithmConfig, maml
     >>> model = Conv4.omniglot(ways=5)
     >>> params = dict(model.named_parameters())
     >>> cfg = AlgorithmConfig(name="maml", inner_lr=0.4, inner_steps=1, eval_inner_steps=3)

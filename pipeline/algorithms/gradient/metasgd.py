@@ -11,7 +11,7 @@ parameter server updates them with its outer optimiser like any weight; :func:`i
 MAML++'s multi-step loss (``multi_step_loss``, weights ``msl_weights``; :func:`msl_weights` gives the paper's
 annealing schedule) and per-step batch norm (``per_step_bn``) combine with either.
 
-    >>> from pipeline.algorithms import AlgorithmConfig, metasgd
+    >>> from metatrain.pipeline.algorithms import AlgorithmConfig, metasgd
     >>> cfg = AlgorithmConfig(name="metasgd", inner_lr=0.4, metasgd_lr="per_layer_step", inner_steps=5,
     ...                       eval_inner_steps=5, multi_step_loss=True)
     >>> params = {**dict(model.named_parameters()), **metasgd.init_extra_params(model, cfg)}

@@ -18,7 +18,7 @@ plain SGD with learning rate ``eps`` gives Reptile's update ``params += eps * (a
 full-batch SGD step it is ``inner_lr * grad(loss on support+query)``. (Nichol et al.'s ``g_Reptile`` in their
 analysis is this divided by ``inner_lr``.)
 
-    >>> from pipeline.algorithms import AlgorithmConfig, reptile
+    >>> from metatrain.pipeline.algorithms import AlgorithmConfig, reptile
     >>> cfg = AlgorithmConfig(name="reptile", inner_lr=1e-3, inner_steps=5, eval_inner_steps=50,
     ...                       reptile_optimizer="adam", reptile_batch_size=10)
     >>> grads, metrics = reptile.meta_gradient(params, episode, cfg, model)   # params - adapted

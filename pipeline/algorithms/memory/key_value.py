@@ -7,8 +7,8 @@ state, rebuilt for each episode; the meta-gradient is the gradient of the mean q
 encoder, which the parameter server applies like any other. Ties among the oldest slots are drawn from a generator
 seeded by the episode key, so an episode's result is a pure function of (seed, step, slot) like everything else.
 
-    >>> from models import KeyEncoder
-    >>> from pipeline.algorithms import AlgorithmConfig, memory
+    >>> from metatrain.models import KeyEncoder
+    >>> from metatrain.pipeline.algorithms import AlgorithmConfig, memory
     >>> model, cfg = KeyEncoder(key_size=128), AlgorithmConfig(name="memory", memory_size=128)
     >>> grads, metrics = memory.meta_gradient(params, episode, cfg, model)     # metrics["query_acc"]
 """

@@ -5,8 +5,8 @@ is the plain gradient of the cross-entropy at every step of the sequence, averag
 server applies it like any other contribution. Metrics: ``query_loss``/``query_acc`` over all steps, and
 ``inst{k}_acc``, the accuracy at the k-th showing of a class (the paper's table: k = 1, 2, 3, 5, 10).
 
-    >>> from models import MANN
-    >>> from pipeline.algorithms import AlgorithmConfig, mann
+    >>> from metatrain.models import MANN
+    >>> from metatrain.pipeline.algorithms import AlgorithmConfig, mann
     >>> model, cfg = MANN(classes=5), AlgorithmConfig(name="mann")
     >>> grads, metrics = mann.meta_gradient(params, sequence_episode, cfg, model)
     >>> metrics["inst2_acc"]

@@ -4,7 +4,7 @@ v_c = mean of f(x) over the support of class c; P(y = c | x) = softmax_c(-d(f(x)
 distance (``algorithm.distance: cosine`` uses -cos instead, scaled by ``algorithm.cosine_scale``); loss = NLL of the
 queries. Training may use more ways than testing (the paper trained 60-way: ``data.ways: 60``, ``data.eval_ways: 5``).
 
-    >>> from pipeline.algorithms import AlgorithmConfig, protonet
+    >>> from metatrain.pipeline.algorithms import AlgorithmConfig, protonet
     >>> grads, metrics = protonet.meta_gradient(params, episode, AlgorithmConfig(name="protonet"), Conv4Embedding())
 """
 
