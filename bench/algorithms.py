@@ -48,13 +48,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from metatrain.models import Conv4  # noqa: E402
 from metatrain.tasks.episode import Episode  # noqa: E402
 
-from metatrain.pipeline.algorithms import AlgorithmConfig, init_params, meta_gradient_tasks  # noqa: E402
+from metatrain.pipeline.algorithms import (  # noqa: E402
+    AlgorithmConfig,
+    algorithm_names,
+    get_record,
+    init_params,
+    meta_gradient_tasks,
+)
 
 WAYS, SHOTS, QUERIES, SIDE = 5, 1, 15, 28
 INNER_LR = 0.4  # MAML's Omniglot setting; one inner step at meta-training
-# The inner-loop learners on a Conv4 classifier. The registry's other algorithms need their own models (sequence
-# models, embeddings) and are measured end to end by throughput.py and train_budget.py.
-INNER_LOOP = ("maml", "fomaml", "reptile", "metasgd", "anil")
+
+
+def inner_loop_algorithms() -> tuple[str, ...]:
+    """The inner-loop learners (records that adapt weights), in registry order: all run a Conv4 classifier. The
+    registry's other algorithms need their own models (sequence models, embeddings) and are measured end to end by
+    throughput.py and train_budget.py."""
+    return tuple(n for n in algorithm_names() if get_record(n).adapts_weights)
 
 
 def make_episodes(n: int, device: torch.device, ways: int = WAYS, shots: int = SHOTS,
@@ -168,7 +178,7 @@ def build_methods(args, device: torch.device) -> dict:
         return lambda: meta_gradient_tasks(params, episodes, cfg, model, batched=batched)
 
     methods = {}
-    for name in INNER_LOOP:
+    for name in inner_loop_algorithms():
         methods[f"{name} loop"] = ours(name, False)
         methods[f"{name} batched"] = ours(name, True)
     methods["maml higher"] = lambda: higher_maml(model, episodes, INNER_LR)

@@ -10,15 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from metatrain.models import MANN, Conv4, FewShotModel, KeyEncoder, SequenceLSTM, SinusoidMLP
-from metatrain.models.metric import Conv4Embedding, MatchingNetwork, RelationNetwork, SiameseNetwork
+from metatrain.models import Conv4, FewShotModel, SinusoidMLP
 from metatrain.tasks.errors import DataError
 from metatrain.tasks.samplers import EpisodeSampler, SequenceEpisodeSampler, SinusoidSampler
 from metatrain.tasks.store import TaskStore, read_manifest
 
 from metatrain.pipeline.algorithms import get_algorithm
 from metatrain.pipeline.checkpoint import model_fingerprint
-from metatrain.pipeline.config import Config, ConfigError
+from metatrain.pipeline.config import SINUSOID_MODEL, Config, ConfigError
 
 SPLITS = ("train", "val", "test")
 
@@ -65,32 +64,23 @@ def image_shape(cfg: Config) -> tuple[int, int, int] | None:
 
 
 def build_model(cfg: Config, shape: tuple[int, int, int] | None) -> FewShotModel:
-    """The network for this config and image shape (architecture only; weights come from the parameter server)."""
-    m = cfg.model
-    if m.name == "mlp":
+    """The network for this config and image shape (architecture only; weights come from the parameter server).
+
+    The algorithm's record says how its network is built (``record.builder``, given the run's Config and the image
+    shape); a record without one runs the gradient learners' Conv4 classifier. The sinusoid MLP needs no images.
+    """
+    m, record = cfg.model, cfg.algorithm.record
+    if m.name == SINUSOID_MODEL:
         return SinusoidMLP(hidden=(m.hidden, m.hidden))
     if shape is None:
-        raise ConfigError("model.name conv4 needs image data (data.dataset is sinusoid)")
+        raise ConfigError(f"model.name {m.name} needs image data (data.dataset is sinusoid)")
     channels, height, width = shape
     try:
-        if m.name == "mann":
-            return MANN(cfg.data.ways, input_size=channels * height * width, controller=m.controller,
-                        memory_slots=m.memory_slots, memory_width=m.memory_width, read_heads=m.read_heads,
-                        gamma=m.lrua_gamma, key_strength=m.mann_key_strength, read_before_write=m.mann_read_first)
-        if m.name == "lstm":
-            return SequenceLSTM(cfg.data.ways, input_size=channels * height * width, hidden=m.controller)
-        if height != width:
+        # Sequence models read each image flattened, any shape; the convolutional networks want square images.
+        if height != width and not record.sequence_episodes:
             raise DataError(f"{cfg.data.path}: images are {height}x{width}; {m.name} expects square images")
-        if m.name == "key_encoder":
-            return KeyEncoder(m.key_size, in_channels=channels, hidden=m.hidden, image_size=height, pool=m.pool)
-        if m.name == "embedding":
-            return Conv4Embedding(channels, hidden=m.hidden, image_size=height, pool=m.pool)
-        if m.name == "matching":
-            return MatchingNetwork(channels, hidden=m.hidden, image_size=height, fce=m.fce, read_steps=m.fce_read_steps)
-        if m.name == "relation":
-            return RelationNetwork(channels, hidden=m.hidden, image_size=height, relation_hidden=m.relation_hidden)
-        if m.name == "siamese":
-            return SiameseNetwork(channels, hidden=m.hidden, image_size=height)
+        if record.builder is not None:
+            return record.builder(cfg, shape)
         return Conv4(cfg.data.ways, in_channels=channels, hidden=m.hidden, image_size=height, pool=m.pool,
                      bn_steps=cfg.algorithm.bn_steps_needed)
     except DataError:

@@ -10,7 +10,6 @@ wanted. ``Config.to_dict()`` is the resolved configuration, logged to MLflow and
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import types
 import typing
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from metatrain.tasks.errors import MetatrainError
+from metatrain.tasks.errors import MetatrainError, did_you_mean
 
 from metatrain.pipeline.algorithms import algorithm_names, get_record
 from metatrain.pipeline.algorithms.config import AlgorithmConfig
@@ -347,9 +346,7 @@ def _coerce(value: Any, hint, where: str) -> Any:
     if origin is Literal:
         if value in typing.get_args(hint):
             return value
-        options = {str(a).lower(): a for a in typing.get_args(hint)}
-        close = difflib.get_close_matches(str(value).lower(), list(options), n=1)
-        hint_txt = f" (did you mean {options[close[0]]!r}?)" if close else ""
+        hint_txt = did_you_mean(value, typing.get_args(hint), ignore_case=True)
         raise ConfigError(f"{where} must be one of {_type_name(hint)}, got {value!r}{hint_txt}")
     if hint is type(None):
         if value is None:
@@ -379,9 +376,8 @@ def _coerce(value: Any, hint, where: str) -> Any:
 
 
 def _unknown_key(where: str, key: str, known: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
     path = f"{where}.{key}" if where else key
-    hint = f" (did you mean '{where + '.' if where else ''}{close[0]}'?)" if close else ""
+    hint = did_you_mean(key, known, cutoff=0.5, prefix=f"{where}." if where else "")
     return ConfigError(f"unknown config key '{path}'{hint}; known: {', '.join(known)}")
 
 

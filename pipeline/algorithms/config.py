@@ -12,10 +12,11 @@ so this module imports no algorithm.
 
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
+
+from metatrain.tasks.errors import did_you_mean
 
 from metatrain.pipeline.algorithms.errors import AlgorithmConfigError
 
@@ -30,8 +31,7 @@ TASK_BATCHING = ("auto", "loop", "batched")
 
 def unknown_name(field: str, value: object, known: tuple[str, ...]) -> AlgorithmConfigError:
     """The error for a name that is not one of ``known``, with the closest known name suggested."""
-    close = difflib.get_close_matches(str(value), known, n=1, cutoff=0.5)
-    hint = f"did you mean {close[0]!r}? " if close else ""
+    hint = did_you_mean(value, known, cutoff=0.5, form="did you mean {!r}? ")
     return AlgorithmConfigError(f"{field}: unknown {value!r} ({hint}known: {', '.join(sorted(known))})")
 
 

@@ -8,13 +8,16 @@ or ``cfg.algorithm.record``) instead of comparing algorithm names.
     >>> rec = get_record(cfg.algorithm.name)
     >>> rec.adapts_weights, rec.models[0], rec.predict        # e.g. (True, 'conv4', 'adapt')
 
-This module imports nothing of the algorithms (the config module and every algorithm import it).
+The record also says how the algorithm's network is built (``builder``), so :func:`pipeline.components.build_model`
+asks it instead of comparing model names. This module imports nothing of the algorithms (the config module and
+every algorithm import it).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 Family = Literal["gradient", "memory", "metric"]
 Predict = Literal["adapt", "sequence", "memory", "softmax", "sigmoid", "probability"]
@@ -23,6 +26,9 @@ Predict = Literal["adapt", "sequence", "memory", "softmax", "sigmoid", "probabil
 GRADIENT_METRICS = ("support_loss", "support_acc", "query_loss", "query_acc")
 #: The metrics of the algorithms without an inner loop (memory and metric learners).
 QUERY_METRICS = ("query_loss", "query_acc")
+#: ``builder(cfg, shape) -> nn.Module``: the network for a run's :class:`~pipeline.config.Config` (``cfg.model``
+#: holds ``model.name``, one of the record's ``models``) and its images' ``(channels, height, width)``.
+ModelBuilder = Callable[[Any, tuple[int, int, int]], Any]
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,10 @@ class AlgorithmRecord:
     """Boolean settings that are a mistake with this algorithm when true, each with the reason shown."""
     metrics: tuple[str, ...] = QUERY_METRICS
     """The metrics ``meta_gradient`` and ``evaluate`` report (a sequence model adds ``inst<k>_acc``)."""
+    builder: ModelBuilder | None = None
+    """How its network is built on image data (a function of its module, see :data:`ModelBuilder`); None: the
+    classifier of the gradient learners, Conv4 ``data.ways`` wide. The sinusoid MLP (``mlp``) needs no builder.
+    Images reach the builder square unless ``sequence_episodes`` (sequence models read each image flattened)."""
 
     def forbids(self, setting: str) -> bool:
         """Whether ``setting: true`` is rejected for this algorithm."""

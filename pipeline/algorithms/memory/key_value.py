@@ -16,9 +16,10 @@ seeded by the episode key, so an episode's result is a pure function of (seed, s
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
-from metatrain.models.memory_module import Memory
+from metatrain.models.memory_module import KeyEncoder, Memory
 from metatrain.tasks.episode import Episode
 from torch import nn
 from torch.func import functional_call
@@ -29,8 +30,18 @@ from metatrain.pipeline.algorithms.gradient.inner_loop import Key, Metrics, Para
 from metatrain.pipeline.algorithms.metric.embedding import _Where, unstack
 from metatrain.pipeline.algorithms.record import AlgorithmRecord
 
+if TYPE_CHECKING:
+    from metatrain.pipeline.config import Config
+
+
+def build_network(cfg: Config, shape: tuple[int, int, int]) -> KeyEncoder:
+    """The key encoder (``model.name`` key_encoder): the Conv4 trunk and a linear map to ``model.key_size``."""
+    m, (channels, height, _) = cfg.model, shape
+    return KeyEncoder(m.key_size, in_channels=channels, hidden=m.hidden, image_size=height, pool=m.pool)
+
+
 RECORD = AlgorithmRecord(name="memory", family="memory", models=("key_encoder",), predict="memory",
-                         adapts_weights=False, eval_ways_free=True)
+                         adapts_weights=False, eval_ways_free=True, builder=build_network)
 NAME = RECORD.name
 
 

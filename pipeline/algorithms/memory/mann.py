@@ -15,9 +15,11 @@ server applies it like any other contribution. Metrics: ``query_loss``/``query_a
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from metatrain.models import MANN, SequenceLSTM, SequenceModel
 from metatrain.tasks.episode import SequenceEpisode
 from torch import nn
 from torch.func import functional_call
@@ -27,10 +29,24 @@ from metatrain.pipeline.algorithms.errors import AlgorithmConfigError, TaskMisma
 from metatrain.pipeline.algorithms.gradient.inner_loop import Key, Metrics, Params, check_finite, leaves
 from metatrain.pipeline.algorithms.record import AlgorithmRecord
 
+if TYPE_CHECKING:
+    from metatrain.pipeline.config import Config
+
+
+def build_network(cfg: Config, shape: tuple[int, int, int]) -> SequenceModel:
+    """MANN (``model.name`` mann) or its memory-less LSTM baseline (lstm), reading each image flattened."""
+    m, (channels, height, width) = cfg.model, shape
+    if m.name == "lstm":
+        return SequenceLSTM(cfg.data.ways, input_size=channels * height * width, hidden=m.controller)
+    return MANN(cfg.data.ways, input_size=channels * height * width, controller=m.controller,
+                memory_slots=m.memory_slots, memory_width=m.memory_width, read_heads=m.read_heads,
+                gamma=m.lrua_gamma, key_strength=m.mann_key_strength, read_before_write=m.mann_read_first)
+
+
 #: auto_batched: ``task_batching: auto`` runs a worker's episodes as one batch even on the CPU: the cost of a sequence
 #: model is the Python loop over its steps, which a batch of B episodes pays once instead of B times.
 RECORD = AlgorithmRecord(name="mann", family="memory", models=("mann", "lstm"), predict="sequence",
-                         adapts_weights=False, auto_batched=True, sequence_episodes=True)
+                         adapts_weights=False, auto_batched=True, sequence_episodes=True, builder=build_network)
 NAME = RECORD.name
 
 

@@ -13,9 +13,11 @@ LSTM with ``model.fce_read_steps`` reads of g(S) (see models/metric.py: Matching
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
-from metatrain.models.metric import cosine
+from metatrain.models.metric import MatchingNetwork, cosine
 from metatrain.tasks.episode import Episode
 from torch import nn
 
@@ -24,8 +26,18 @@ from metatrain.pipeline.algorithms.gradient.inner_loop import Params
 from metatrain.pipeline.algorithms.metric.embedding import call, check_episode, embed_episode, interface
 from metatrain.pipeline.algorithms.record import AlgorithmRecord
 
+if TYPE_CHECKING:
+    from metatrain.pipeline.config import Config
+
+
+def build_network(cfg: Config, shape: tuple[int, int, int]) -> MatchingNetwork:
+    """The matching network: the Conv4 embedding, with full-context embeddings if ``model.fce``."""
+    m, (channels, height, _) = cfg.model, shape
+    return MatchingNetwork(channels, hidden=m.hidden, image_size=height, fce=m.fce, read_steps=m.fce_read_steps)
+
+
 RECORD = AlgorithmRecord(name="matching", family="metric", models=("matching",), predict="softmax",
-                         adapts_weights=False, eval_ways_free=True)
+                         adapts_weights=False, eval_ways_free=True, builder=build_network)
 NAME = RECORD.name
 
 

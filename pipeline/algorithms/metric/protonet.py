@@ -10,9 +10,11 @@ queries. Training may use more ways than testing (the paper trained 60-way: ``da
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
-from metatrain.models.metric import cosine, prototypes, squared_euclidean
+from metatrain.models.metric import Conv4Embedding, cosine, prototypes, squared_euclidean
 from metatrain.tasks.episode import Episode
 from torch import nn
 
@@ -21,8 +23,18 @@ from metatrain.pipeline.algorithms.gradient.inner_loop import Params
 from metatrain.pipeline.algorithms.metric.embedding import check_episode, embed_episode, interface
 from metatrain.pipeline.algorithms.record import AlgorithmRecord
 
+if TYPE_CHECKING:
+    from metatrain.pipeline.config import Config
+
+
+def build_network(cfg: Config, shape: tuple[int, int, int]) -> Conv4Embedding:
+    """The Conv4 embedding (``model.name`` embedding): Conv4 without its classifier head."""
+    m, (channels, height, _) = cfg.model, shape
+    return Conv4Embedding(channels, hidden=m.hidden, image_size=height, pool=m.pool)
+
+
 RECORD = AlgorithmRecord(name="protonet", family="metric", models=("embedding",), predict="softmax",
-                         adapts_weights=False, eval_ways_free=True, trains_on_more_ways=True)
+                         adapts_weights=False, eval_ways_free=True, trains_on_more_ways=True, builder=build_network)
 NAME = RECORD.name
 
 

@@ -12,8 +12,11 @@ independent of K, so that a model trained 1-shot can be tested 5-shot: with the 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+from metatrain.models.metric import RelationNetwork
 from metatrain.tasks.episode import Episode
 from torch import nn
 
@@ -22,8 +25,18 @@ from metatrain.pipeline.algorithms.gradient.inner_loop import Params
 from metatrain.pipeline.algorithms.metric.embedding import call, check_episode, embed_episode, interface
 from metatrain.pipeline.algorithms.record import AlgorithmRecord
 
+if TYPE_CHECKING:
+    from metatrain.pipeline.config import Config
+
+
+def build_network(cfg: Config, shape: tuple[int, int, int]) -> RelationNetwork:
+    """The relation network: Conv4 feature maps and a relation module ``model.relation_hidden`` wide."""
+    m, (channels, height, _) = cfg.model, shape
+    return RelationNetwork(channels, hidden=m.hidden, image_size=height, relation_hidden=m.relation_hidden)
+
+
 RECORD = AlgorithmRecord(name="relation", family="metric", models=("relation",), predict="probability",
-                         adapts_weights=False, eval_ways_free=True)
+                         adapts_weights=False, eval_ways_free=True, builder=build_network)
 NAME = RECORD.name
 
 

@@ -10,8 +10,11 @@ its per-class score is the best p over that class's support items.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+from metatrain.models.metric import SiameseNetwork
 from metatrain.tasks.episode import Episode
 from torch import nn
 
@@ -20,8 +23,18 @@ from metatrain.pipeline.algorithms.gradient.inner_loop import Params
 from metatrain.pipeline.algorithms.metric.embedding import call, check_episode, embed_episode, interface
 from metatrain.pipeline.algorithms.record import AlgorithmRecord
 
+if TYPE_CHECKING:
+    from metatrain.pipeline.config import Config
+
+
+def build_network(cfg: Config, shape: tuple[int, int, int]) -> SiameseNetwork:
+    """The siamese network: the Conv4 embedding and a weighted L1 distance scored by a sigmoid."""
+    m, (channels, height, _) = cfg.model, shape
+    return SiameseNetwork(channels, hidden=m.hidden, image_size=height)
+
+
 RECORD = AlgorithmRecord(name="siamese", family="metric", models=("siamese",), predict="sigmoid",
-                         adapts_weights=False, eval_ways_free=True)
+                         adapts_weights=False, eval_ways_free=True, builder=build_network)
 NAME = RECORD.name
 
 
