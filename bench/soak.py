@@ -48,8 +48,7 @@ class Sampling:
 
     def __init__(self, tracker: RunTracker, engine: Engine, gcs: str, every: int):
         self.tracker, self.engine, self.gcs, self.every = tracker, engine, gcs, every
-        self.pids = {f"worker {ws.index}": ray.get(ws.handle.ping.remote())["pid"] for ws in engine.workers}
-        self.pids["parameter server"] = ray.get(engine.ps.status.remote())["pid"]
+        self.pids = engine.pids()
         self.rows = []
         self.t0 = time.monotonic()
 

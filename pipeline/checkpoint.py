@@ -224,14 +224,24 @@ def build_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer | 
     ``rng`` defaults to ``capture_rng()`` now: call this at the step boundary the run will resume from.
     """
     params, buffers = model_tensors(model)
+    return checkpoint_state(params, buffers, optimizer.state_dict() if optimizer is not None else {}, step=step,
+                            fingerprint=fingerprint, config=config, extra=extra, rng=rng,
+                            scheduler=scheduler.state_dict() if scheduler is not None else None)
+
+
+def checkpoint_state(params: dict, buffers: dict, optimizer_state: dict, *, step: int, fingerprint: str,
+                     config: dict | None = None, extra: dict | None = None, rng: dict | None = None,
+                     scheduler: dict | None = None) -> dict:
+    """The one layout of a checkpoint (``FORMAT``), from tensors already detached (the parameter server has no
+    ``nn.Module``: it calls this directly)."""
     return {
         "format": FORMAT,
         "fingerprint": fingerprint,
         "step": int(step),
         "params": params,
         "buffers": buffers,
-        "optimizer": optimizer.state_dict() if optimizer is not None else {},
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "optimizer": optimizer_state,
+        "scheduler": scheduler,
         "rng": rng if rng is not None else capture_rng(),
         "config": config if config is not None else {},
         "extra": extra if extra is not None else {},

@@ -176,6 +176,11 @@ class Engine:
         except RayActorError as e:
             raise ActorLost(f"parameter server: {type(e).__name__}") from e
 
+    def pids(self) -> dict[str, int]:
+        """{"worker 0": pid, ..., "parameter server": pid}: for watching the actors' processes (bench/soak.py)."""
+        out = {f"worker {ws.index}": ray.get(ws.handle.ping.remote())["pid"] for ws in self.workers}
+        return out | {"parameter server": self.ps_status()["pid"]}
+
     def ps_alive(self, timeout: float = 5.0) -> bool:
         """Whether the parameter server answers within ``timeout`` seconds."""
         try:

@@ -31,7 +31,13 @@ from pathlib import Path
 
 import torch
 
-from metatrain.pipeline.checkpoint import capture_rng, load_latest, restore_rng, save_checkpoint, save_named
+from metatrain.pipeline.checkpoint import (
+    checkpoint_state,
+    load_latest,
+    restore_rng,
+    save_checkpoint,
+    save_named,
+)
 from metatrain.pipeline.config import OptimConfig
 from metatrain.pipeline.distributed.gradient_tree import combine, is_node, leaves_of
 
@@ -285,18 +291,11 @@ class ParameterServerCore:
     # ---- checkpoints --------------------------------------------------------------------------------------------
 
     def state(self) -> dict:
-        return {
-            "format": "metatrain-checkpoint/1",
-            "fingerprint": self.fingerprint,
-            "step": self.version,
-            "params": {k: v.detach().clone() for k, v in self.params.items()},
-            "buffers": {k: v.clone() for k, v in self.buffers.items()},
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": None,  # the schedule is a pure function of the step (learning_rate); nothing to store
-            "rng": capture_rng(),
-            "config": self.config,
-            "extra": {**self.extra, "counters": dict(self.counters)},
-        }
+        # No scheduler state: the schedule is a pure function of the step (learning_rate).
+        return checkpoint_state({k: v.detach().clone() for k, v in self.params.items()},
+                                {k: v.clone() for k, v in self.buffers.items()}, self.optimizer.state_dict(),
+                                step=self.version, fingerprint=self.fingerprint, config=self.config,
+                                extra={**self.extra, "counters": dict(self.counters)})
 
     def load_state(self, state: dict) -> None:
         with torch.no_grad():
