@@ -24,13 +24,14 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import yaml
-from metatrain.tasks.atomic import atomic_path
 from metatrain.tasks.errors import MetatrainError, did_you_mean
 
 AXES = ("algorithm", "ways", "shots", "queries", "rotations", "train_split", "test_split", "inner_steps",
@@ -143,14 +144,22 @@ def _cell_done(out: Path, cell: Cell) -> bool:
 
 
 def _record(out: Path, cell: Cell) -> None:
-    """Copy the cell's per-task results into the study's dataset, with its axis values as columns (atomic)."""
+    """Add the cell's per-task results to the study's dataset, with its axis values as columns.
+
+    pyarrow writes the hive partition ``cell=<id>``; it is written under a hidden folder (which pyarrow datasets
+    skip) and renamed into place, so a crash never leaves a half-written cell that looks done.
+    """
     table = pq.read_table(out / "cells" / cell.id / "eval_tasks.parquet")
     for axis, value in sorted(cell.values.items()):
         table = table.append_column(axis, pa.array([str(value)] * table.num_rows))
-    part = out / "results" / f"cell={cell.id}"
-    part.mkdir(parents=True, exist_ok=True)
-    with atomic_path(part / "part-0.parquet") as tmp:
-        pq.write_table(table, tmp)
+    table = table.append_column("cell", pa.array([cell.id] * table.num_rows))
+    staging, final = out / "results" / f".staging-{cell.id}", out / "results" / f"cell={cell.id}"
+    shutil.rmtree(staging, ignore_errors=True)
+    pads.write_dataset(table, staging, format="parquet", partitioning=["cell"], partitioning_flavor="hive",
+                       basename_template="part-{i}.parquet")
+    shutil.rmtree(final, ignore_errors=True)
+    (staging / final.name).rename(final)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def _run_cell(cell: Cell, out: str, uri: str, parent: str, study: str, in_ray_task: bool) -> str:
@@ -183,62 +192,29 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plots(rows: list[dict]) -> dict:
-    """{"accuracy_vs_shots.png": fig, "accuracy_vs_ways.png": fig} for the axes the study varies."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figs = {}
-    for x in ("shots", "ways"):
-        if len({r.get(x) for r in rows}) < 2:
-            continue
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        series: dict[str, list] = {}
-        for r in rows:
-            label = " ".join(f"{k}={r[k]}" for k in ("algorithm", "ways", "shots") if k in r and k != x and r[k] != "")
-            series.setdefault(label or "all", []).append((float(r[x]), 100 * r["accuracy"], 100 * r["ci95"]))
-        for label, pts in sorted(series.items()):
-            pts.sort()
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
-                        label=label)
-        ax.set_xlabel(x)
-        ax.set_ylabel("test accuracy (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        figs[f"accuracy_vs_{x}.png"] = fig
-    return figs
-
-
 def run_study(path: str | Path, *, out: str | None = None, tracking_uri: str | None = None,
               parallel: int | None = None, ray_address: str | None = None) -> list[dict]:
     """Run every unfinished cell of a study, then write and log the summary; returns the summary rows."""
     import ray
-    from mlflow.tracking import MlflowClient
 
+    from metatrain.pipeline.figures import study_figures
     from metatrain.pipeline.jobs.train import init_ray
-    from metatrain.pipeline.tracking import check_tracking, resolve_tracking_uri
+    from metatrain.pipeline.tracking import RunTracker, check_tracking, resolve_tracking_uri
 
     study = load_study(path)
     out_dir = Path(out) if out else Path("runs") / "studies" / study.name
     out_dir.mkdir(parents=True, exist_ok=True)
     uri = resolve_tracking_uri(tracking_uri, out_dir)
     check_tracking(uri)
-    client = MlflowClient(tracking_uri=uri)
     state_file = out_dir / "study.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    if state.get("parent_run_id"):
-        parent = state["parent_run_id"]
-        client.update_run(parent, status="RUNNING")
-    else:
-        exp = client.get_experiment_by_name(f"study-{study.name}")
-        exp_id = exp.experiment_id if exp else client.create_experiment(
-            f"study-{study.name}", artifact_location=str(out_dir.resolve() / "mlartifacts"))
-        parent = client.create_run(exp_id, run_name=study.name, tags={"metatrain.study": study.name,
-                                                                       "metatrain.study_file": str(study.path)}
-                                   ).info.run_id
+    # The parent run is a RunTracker like every run: FAILED / KILLED / ended at exit, journaled metrics.
+    tracker = RunTracker(uri, experiment=f"study-{study.name}", run_id=state.get("parent_run_id"),
+                         run_name=study.name, artifact_root=out_dir / "mlartifacts", system_metrics=False,
+                         spill_dir=out_dir / "mlflow-spill")
+    tracker.start(tags={"metatrain.study": study.name, "metatrain.study_file": str(study.path)})
+    parent = tracker.run_id
+    if not state.get("parent_run_id"):
         state_file.write_text(json.dumps({"parent_run_id": parent, "tracking_uri": uri}) + "\n")
     todo = [c for c in study.cells if not _cell_done(out_dir, c)]
     skipped = len(study.cells) - len(todo)
@@ -246,45 +222,41 @@ def run_study(path: str | Path, *, out: str | None = None, tracking_uri: str | N
         print(f"metatrain: study {study.name}: {skipped} of {len(study.cells)} cells already done, skipping them")
     started_ray = init_ray(ray_address)
     try:
-        from metatrain.pipeline.config import load_config
+        with tracker:  # FINISHED; FAILED on an exception; KILLED on Ctrl-C
+            from metatrain.pipeline.config import load_config
 
-        cpus = ray.cluster_resources().get("CPU", 1)
-        per_cell = max(c.workers.count * c.workers.cpus for c in (load_config(x.config, x.overrides) for x in todo)) \
-            if todo else 1
-        width = parallel or study.parallel or max(1, int(cpus // max(per_cell, 1)))
-        if width == 1:
-            for cell in todo:
-                print(f"metatrain: study {study.name}: cell {cell.id}", flush=True)
-                _run_cell(cell, str(out_dir), uri, parent, study.name, False)
-                _record(out_dir, cell)
-        else:
-            remote = ray.remote(num_cpus=0)(_run_cell)
-            pending, queue = {}, list(todo)
-            while queue or pending:
-                while queue and len(pending) < width:
-                    cell = queue.pop(0)
-                    pending[remote.remote(cell, str(out_dir), uri, parent, study.name, True)] = cell
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                cell = pending.pop(ready[0])
-                ray.get(ready[0])  # a failed cell raises here; the others' results are already recorded
-                _record(out_dir, cell)
-        rows = summary_rows(out_dir, study)
-        table = summary_table(rows)
-        print(table)
-        (out_dir / "summary.md").write_text(table + "\n")
-        client.log_artifact(parent, str(out_dir / "summary.md"))
-        for name, fig in plots(rows).items():
-            fig.savefig(out_dir / name, dpi=100)
-            client.log_artifact(parent, str(out_dir / name))
-        for r in rows:
-            client.log_metric(parent, f"cell.{r['cell'][:200]}.accuracy", r["accuracy"])
-        client.set_terminated(parent, "FINISHED")
-        print(f"study {study.name}: {len(rows)} cells; per-task results in {out_dir / 'results'} "
-              f"(partitioned by cell); summary {out_dir / 'summary.md'}")
-        return rows
-    except BaseException:
-        client.set_terminated(parent, "FAILED")
-        raise
+            cpus = ray.cluster_resources().get("CPU", 1)
+            cfgs = [load_config(x.config, x.overrides) for x in todo]
+            per_cell = max((c.workers.count * c.workers.cpus for c in cfgs), default=1)
+            width = parallel or study.parallel or max(1, int(cpus // max(per_cell, 1)))
+            if width == 1:
+                for cell in todo:
+                    print(f"metatrain: study {study.name}: cell {cell.id}", flush=True)
+                    _run_cell(cell, str(out_dir), uri, parent, study.name, False)
+                    _record(out_dir, cell)
+            else:
+                remote = ray.remote(num_cpus=0)(_run_cell)
+                pending, queue = {}, list(todo)
+                while queue or pending:
+                    while queue and len(pending) < width:
+                        cell = queue.pop(0)
+                        pending[remote.remote(cell, str(out_dir), uri, parent, study.name, True)] = cell
+                    ready, _ = ray.wait(list(pending), num_returns=1)
+                    cell = pending.pop(ready[0])
+                    ray.get(ready[0])  # a failed cell raises here; the others' results are already recorded
+                    _record(out_dir, cell)
+            rows = summary_rows(out_dir, study)
+            table = summary_table(rows)
+            print(table)
+            (out_dir / "summary.md").write_text(table + "\n")
+            tracker.log_artifact(out_dir / "summary.md")
+            for name, fig in study_figures(rows).items():
+                fig.savefig(out_dir / name, dpi=100)
+                tracker.log_artifact(out_dir / name)
+            tracker.log_metrics({f"cell.{r['cell'][:200]}.accuracy": r["accuracy"] for r in rows}, step=0)
+            print(f"study {study.name}: {len(rows)} cells; per-task results in {out_dir / 'results'} "
+                  f"(partitioned by cell); summary {out_dir / 'summary.md'}")
+            return rows
     finally:
         if started_ray:
             ray.shutdown()

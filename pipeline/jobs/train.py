@@ -47,6 +47,7 @@ from metatrain.pipeline.config import Config, ConfigError, config_from_dict, loa
 from metatrain.pipeline.distributed.engine import Engine, EngineError, check_resources
 from metatrain.pipeline.distributed.trainer import Trainer
 from metatrain.pipeline.distributed.worker import TaskWorkerCore
+from metatrain.pipeline.figures import instance_accuracy_figure, learning_curve_figure
 from metatrain.pipeline.scores import ci95, task_metric
 from metatrain.pipeline.tracking import (
     RunTracker,
@@ -55,7 +56,6 @@ from metatrain.pipeline.tracking import (
     default_artifact_root,
     explicit_tracking_uri,
     flatten_config,
-    learning_curve_figure,
     resolve_tracking_uri,
 )
 
@@ -149,27 +149,6 @@ def summarize(rows: list[dict], cfg: Config, split: str, extra: dict | None = No
     elif not cfg.algorithm.record.adapts_weights:
         out["inner_steps"] = None  # the memory or the embedding of the support set adapts, not the weights
     return out | (extra or {})
-
-
-def instance_accuracy_figure(summary: dict):
-    """MANN's accuracy by instance (1st, 2nd, ... showing of a class) with 95% CIs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ks = sorted(summary["instance_accuracy"], key=int)
-    acc = [100 * summary["instance_accuracy"][k] for k in ks]
-    ci = [100 * summary["instance_ci95"][k] for k in ks]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.errorbar([int(k) for k in ks], acc, yerr=ci, marker="o", capsize=3)
-    ax.set_xlabel("instance (k-th showing of a class)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(f"{summary['algorithm']}, {summary['ways']} classes, {summary['tasks']} episodes")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
 
 
 def write_eval(out_dir: Path, summary: dict, rows: list[dict]) -> tuple[Path, Path]:
