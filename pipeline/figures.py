@@ -17,7 +17,7 @@ def _finish(ax, xlabel: str, ylabel: str, title: str | None = None) -> None:
     ax.grid(True, alpha=0.3)
     if title:
         ax.set_title(title)
-    if ax.lines:
+    if ax.get_legend_handles_labels()[1]:  # a legend only where something is labelled
         ax.legend(loc="best", fontsize=7)
 
 
