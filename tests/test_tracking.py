@@ -581,6 +581,7 @@ def test_a_failed_upload_is_kept_and_reported(uri, tmp_path, monkeypatch, capsys
 
 
 def test_log_model_round_trip_and_registration(uri, tmp_path, monkeypatch):
+    import mlflow.pyfunc
     import mlflow.pytorch
 
     monkeypatch.chdir(tmp_path)
@@ -594,6 +595,8 @@ def test_log_model_round_trip_and_registration(uri, tmp_path, monkeypatch):
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # models:/ URIs resolve against the global store
     loaded = mlflow.pytorch.load_model(model_uri)
+    reqs = Path(mlflow.pyfunc.get_model_dependencies(model_uri)).read_text().split()
+    assert reqs == [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]  # named, not inferred
     x = torch.randn(5, 4)
     assert torch.equal(loaded(x), model(x))
     versions = MlflowClient(uri).search_model_versions("name='metatrain-test'")

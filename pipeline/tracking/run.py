@@ -71,6 +71,12 @@ class Journal:
             self.path.unlink(missing_ok=True)
 
 
+def _torch_release() -> str:
+    import torch
+
+    return torch.__version__.split("+")[0]  # 2.14.1+cu130 -> 2.14.1: the PyPI release
+
+
 def _send(client, run_id: str, metrics: list, tags: list) -> int:
     """``log_batch``, synchronously; a batch the store refuses for its data is sent one entry at a time and the
     entries it still refuses are skipped. Returns how many were skipped; an outage raises."""
@@ -364,6 +370,9 @@ class RunTracker:
         import mlflow.pytorch
 
         kw.setdefault("serialization_format", "pt2" if kw.get("input_example") is not None else "pickle")
+        # Named, not inferred: MLflow's inference loads the model in a fresh interpreter (~10 s a model here) to
+        # list imports; a pt2 program needs only torch, and MLflow to serve it.
+        kw.setdefault("pip_requirements", [f"torch=={_torch_release()}", f"mlflow=={mlflow.__version__}"])
         env, previous = os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri()
         explicit = mlflow.is_tracking_uri_set() and previous != env  # a URI set in-process, not taken from $ENV
         try:
