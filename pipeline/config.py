@@ -151,7 +151,7 @@ class OptimConfig:
     """cosine: final lr as a fraction of lr; step: the factor applied every step_every steps."""
     step_every: int = 1000
     """step schedule: multiply the lr by min_lr_ratio every this many steps."""
-    grad_clip: float | None = None
+    clip_norm: float | None = None
     """Clip the averaged meta-gradient to this global L2 norm (None: no clipping)."""
 
     def __post_init__(self):
@@ -161,7 +161,7 @@ class OptimConfig:
         _require(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         _require(self.step_every >= 1, "optim.step_every", f"must be >= 1, got {self.step_every}")
-        _require(self.grad_clip is None or self.grad_clip > 0, "optim.grad_clip", f"must be > 0, got {self.grad_clip}")
+        _require(self.clip_norm is None or self.clip_norm > 0, "optim.clip_norm", f"must be > 0, got {self.clip_norm}")
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ def test_overrides():
                       ["train.steps=7", "optim.lr=3e-4", "workers.count=1", "tracking.register=omni",
                        "train.time_budget_s=null", "algorithm.msl_weights=null"])
     assert (cfg.train.steps, cfg.optim.lr, cfg.workers.count, cfg.tracking.register) == (7, 3e-4, 1, "omni")
-    assert load_config(None, ["optim.grad_clip=1"]).optim.grad_clip == 1.0
+    assert load_config(None, ["optim.clip_norm=1"]).optim.clip_norm == 1.0
 
 
 @pytest.mark.parametrize("overrides, message", [

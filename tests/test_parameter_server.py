@@ -188,7 +188,7 @@ def test_learning_rate_schedules():
 
 
 def test_gradient_clipping():
-    ps = core(OptimConfig(name="sgd", lr=1.0, grad_clip=1.0))
+    ps = core(OptimConfig(name="sgd", lr=1.0, clip_norm=1.0))
     out = apply(ps, 1, contrib(1, 0, 3.0, 1))
     assert out["grad_norm"] == pytest.approx(3.0 * math.sqrt(9))
     delta = torch.cat([ps.get_weights()[1]["w"].flatten(), ps.get_weights()[1]["b"].flatten() - 1])

@@ -277,7 +277,7 @@ class ParameterServerCore:
             for name, p in self.params.items():
                 p.grad = summed[name].clone().div_(tasks)
         norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()),
-                                              self.optim_cfg.grad_clip if self.optim_cfg.grad_clip else math.inf)
+                                              self.optim_cfg.clip_norm if self.optim_cfg.clip_norm else math.inf)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.version = step
