@@ -12,8 +12,10 @@ The convolutions have no bias, which batch norm would cancel exactly (the paper'
 
 Batch norm (see :mod:`models.layers`): always the statistics of the batch being run, i.e. of the current
 episode's support set or query set, in train and eval mode alike (MAML's transductive setting); no running
-statistics exist, so a forward pass never mutates the module. ``bn_steps > 1`` gives MAML++'s per-inner-step BN
-gains and biases (row ``s`` at inner step ``s``; the query pass after ``k`` steps uses row ``k``, so build with
+statistics exist, so a forward pass never mutates the module. ``forward(x, stats_rows=n)`` normalises with
+the first ``n`` rows' statistics instead (support set first, then queries: each query scored as if alone).
+``bn_steps > 1`` gives MAML++'s per-inner-step BN gains and biases (row ``s`` at inner step ``s``; the query pass
+after ``k`` steps uses row ``k``, so build with
 ``bn_steps = max(inner_steps, eval_inner_steps) + 1``).
 
     >>> from metatrain.models import Conv4
@@ -45,11 +47,11 @@ class ConvBlock(nn.Module):
         self.pool = MaxPool2x2() if pool == "max" else nn.Identity()
         self.act = nn.ReLU()
 
-    def forward(self, x: torch.Tensor, step: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: int = 0, stats_rows: int | None = None) -> torch.Tensor:
         # The paper's order is conv, BN, ReLU, pool. Max-pool and ReLU commute exactly (both monotone, and where a
         # 2x2 window is all non-positive the ReLU gradient is zero either way), so pooling first gives the same
         # values and gradients with a 4x smaller ReLU in the forward, backward and double-backward passes.
-        return self.act(self.pool(self.norm(self.conv(x), step)))
+        return self.act(self.pool(self.norm(self.conv(x), step, stats_rows)))
 
 
 class Conv4Body(nn.ModuleList):
@@ -59,9 +61,9 @@ class Conv4Body(nn.ModuleList):
         super().__init__(blocks)
         self.spatial_mean = spatial_mean
 
-    def forward(self, x: torch.Tensor, step: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: int = 0, stats_rows: int | None = None) -> torch.Tensor:
         for block in self:
-            x = block(x, step)
+            x = block(x, step, stats_rows)
         return x.mean(dim=(-2, -1)) if self.spatial_mean else x.flatten(-3)
 
     def forward_tasks(self, params: dict[str, torch.Tensor], x: torch.Tensor, step: int = 0) -> torch.Tensor:
@@ -126,6 +128,11 @@ class Conv4(FewShotModel):
             elif isinstance(m, EpisodeBatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor, step: int = 0, stats_rows: int | None = None) -> torch.Tensor:
+        """Logits ``(N, ways)``; ``stats_rows``: batch norm with the statistics of the first rows only (see
+        :class:`~models.layers.EpisodeBatchNorm2d`), for support-then-query batches scored non-transductively."""
+        return self.head(self.body(x, step, stats_rows))
 
     def forward_tasks(self, params: dict[str, torch.Tensor], x: torch.Tensor, step: int = 0) -> torch.Tensor:
         """``forward`` for ``T`` tasks at once (see :meth:`Conv4Body.forward_tasks`): ``(T, N, ways)``."""

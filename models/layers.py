@@ -36,8 +36,19 @@ class EpisodeBatchNorm2d(nn.Module):
         self.weight = nn.Parameter(torch.ones(shape))
         self.bias = nn.Parameter(torch.zeros(shape))
 
-    def forward(self, x: torch.Tensor, step: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: int = 0, stats_rows: int | None = None) -> torch.Tensor:
+        """``stats_rows``: normalise every row with the statistics of the first ``stats_rows`` rows only (a support
+        set followed by its queries: the queries are then scored without seeing each other, non-transductively)."""
         weight, bias = (self.weight, self.bias) if self.steps == 1 else (self.weight[step], self.bias[step])
+        if stats_rows is not None and stats_rows < x.shape[0]:
+            if stats_rows < 1:
+                raise ValueError(f"stats_rows must be >= 1, got {stats_rows}")
+            ref = x[:stats_rows]
+            mean = ref.mean(dim=(0, 2, 3), keepdim=True)
+            var = ref.var(dim=(0, 2, 3), unbiased=False, keepdim=True)  # biased, as F.batch_norm normalises
+            # Written out: F.batch_norm's eval mode takes the statistics as constants (no gradient through them).
+            shape = (1, -1, 1, 1)
+            return (x - mean) * torch.rsqrt(var + self.eps) * weight.view(shape) + bias.view(shape)
         # training=True with no running buffers: batch statistics, no state written. F.batch_norm (not a
         # hand-written mean/var) because it has fused kernels, a double-backward formula and a vmap rule.
         return F.batch_norm(x, None, None, weight, bias, training=True, momentum=0.0, eps=self.eps)
