@@ -41,7 +41,8 @@ def _add_prepare(sub) -> None:
     im.add_argument("--out", required=True, help="store folder to write")
     im.add_argument("--size", type=int, default=28, help="image side in pixels after resizing (default 28)")
     im.add_argument("--channels", type=int, default=1, help="1 = grayscale (default), 3 = RGB")
-    im.add_argument("--split", default="all", help="partition name for these classes (default: all)")
+    im.add_argument("--split", default="all", help="partition name for these classes (default: all); a folder of "
+                    "split folders (train/ val/ test/ of class folders) gives one partition per split folder")
 
 
 def _add_sample(sub) -> None:

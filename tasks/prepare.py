@@ -84,7 +84,8 @@ def prepare_omniglot(source: str | Path, out: str | Path, size: int = 28,
 
 def prepare_imagefolder(source: str | Path, out: str | Path, size: int = 28, channels: int = 1, split: str = "all",
                         progress: Callable[[int], None] | None = None) -> PrepareResult:
-    """Build (or confirm) a store from a folder with one sub-folder of images per class, all in partition ``split``."""
+    """Build (or confirm) a store from a folder with one sub-folder of images per class, all in partition ``split``;
+    or from a folder of split folders (``train/``, ``val/``, ``test/``, each of class folders), one partition each."""
     _check_size(size, channels)
     if not split or "/" in split or "=" in split:
         raise MetatrainError(f"--split must be a plain name such as 'all' or 'train', got {split!r}")

@@ -124,19 +124,37 @@ def iter_omniglot(split: str, path: Path) -> Iterator[RawClass]:
                        tuple(d for d, _, _ in items), tuple(b for _, _, b in items))
 
 
-def iter_imagefolder(source: Path, split: str) -> Iterator[RawClass]:
-    """Yield one class per sub-folder of ``source`` (sorted), with every image file inside it (sorted)."""
+def _class_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _has_images(folder: Path) -> bool:
+    return any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir())
+
+
+def imagefolder_partitions(source: Path, split: str) -> list[tuple[str, Path]]:
+    """(partition, class-folder root) pairs: ``source`` itself as ``split``, or, when every sub-folder of ``source``
+    holds only class folders (the train/ val/ test/ layout mini-ImageNet is shipped in), one partition per
+    sub-folder, named after it."""
     if not source.is_dir():
         raise DataError(f"image folder {source} does not exist")
-    class_dirs = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not class_dirs:
+    subs = _class_dirs(source)
+    if not subs:
         raise DataError(f"{source} has no class folders (expected one sub-folder of images per class)")
-    for d in class_dirs:
-        files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise DataError(f"class folder {d} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        yield RawClass(split, "", d.name, tuple(p.relative_to(source).as_posix() for p in files),
-                       tuple(range(1, len(files) + 1)), tuple(p.read_bytes() for p in files))
+    nested = all(not _has_images(d) and _class_dirs(d) for d in subs)
+    return [(d.name, d) for d in subs] if nested else [(split, source)]
+
+
+def iter_imagefolder(source: Path, split: str) -> Iterator[RawClass]:
+    """Yield one class per sub-folder of ``source`` (sorted), with every image file inside it (sorted); a folder of
+    split folders (see :func:`imagefolder_partitions`) yields each split's classes in its own partition."""
+    for part, root in imagefolder_partitions(source, split):
+        for d in _class_dirs(root):
+            files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise DataError(f"class folder {d} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            yield RawClass(part, "", d.name, tuple(p.relative_to(source).as_posix() for p in files),
+                           tuple(range(1, len(files) + 1)), tuple(p.read_bytes() for p in files))
 
 
 # i / 255 for every uint8 value, as the CPU's float32 division rounds it. Why a table and not ``x / 255``: CUDA
