@@ -19,6 +19,7 @@ from metatrain.pipeline.algorithms import (
     unregister,
 )
 from metatrain.pipeline.algorithms.gradient import maml
+from metatrain.pipeline.algorithms.learned import meta_lstm
 from metatrain.pipeline.config import MODEL_NAMES, Config, ConfigError, DataConfig, ModelConfig
 
 
@@ -29,7 +30,7 @@ def test_every_registered_module_has_its_record():
         assert isinstance(module.RECORD, AlgorithmRecord)
         assert module.RECORD.name == name == module.NAME
         assert get_record(name) is module.RECORD
-        assert module.RECORD.family in ("gradient", "memory", "metric")
+        assert module.RECORD.family in ("gradient", "memory", "metric", "learned")
         assert module.RECORD.models and set(module.RECORD.models) <= set(MODEL_NAMES)
         for f in algorithms.INTERFACE:
             assert callable(getattr(module, f))
@@ -40,13 +41,14 @@ def test_records_agree_with_the_modules():
         rec = get_record(name)
         if rec.family == "gradient":
             assert rec.adapts_weights and rec.predict == "adapt"
-        else:
-            assert not rec.adapts_weights
+        else:  # a learned update rule writes the weights; memory and metric learners leave them
+            assert rec.adapts_weights == (rec.family == "learned")
         if rec.predict in ("softmax", "sigmoid", "probability"):
             assert callable(get_algorithm(name).scores)
         assert rec.auto_batched == rec.sequence_episodes  # only the sequence model batches on the CPU
     prefixes = [get_record(n).param_prefix for n in ALGORITHMS if get_record(n).param_prefix]
-    assert prefixes == [algorithms.LR_PREFIX]  # Meta-SGD's, kept so old checkpoints load
+    assert prefixes == [algorithms.LR_PREFIX, meta_lstm.PREFIX]  # Meta-SGD's rates (old checkpoints load), the LSTM
+    assert len(set(prefixes)) == len(prefixes)
 
 
 def test_forbidden_settings_come_from_the_record():

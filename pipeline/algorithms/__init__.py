@@ -2,7 +2,7 @@
 
 Every module (``maml``, ``fomaml``, ``reptile``, ``metasgd``, ``anil``; the memory models ``mann`` and ``memory``,
 whose "adaptation" is writing memory; the metric learners ``protonet``, ``matching``, ``relation``, ``siamese``,
-whose adaptation is embedding the support set) exposes the same interface:
+whose adaptation is embedding the support set; ``meta_lstm``, whose update rule is learned) exposes the same interface:
 
 * ``init_extra_params(model, cfg) -> params``: meta-parameters beyond the model's (Meta-SGD's rates; else ``{}``).
 * ``adapt(params, support, cfg, model, *, steps=None, create_graph=False, batched=False) -> params``
@@ -47,6 +47,7 @@ from metatrain.pipeline.algorithms.config import AlgorithmConfig, unknown_name
 from metatrain.pipeline.algorithms.errors import AlgorithmConfigError, NonFiniteGradientError, TaskMismatchError
 from metatrain.pipeline.algorithms.gradient import anil, fomaml, maml, metasgd, reptile
 from metatrain.pipeline.algorithms.gradient.inner_loop import LR_PREFIX, Metrics, Params
+from metatrain.pipeline.algorithms.learned import meta_lstm
 from metatrain.pipeline.algorithms.memory import key_value, mann
 from metatrain.pipeline.algorithms.metric import matching, protonet, relation, siamese
 from metatrain.pipeline.algorithms.record import AlgorithmRecord
@@ -54,8 +55,8 @@ from metatrain.pipeline.algorithms.record import AlgorithmRecord
 __all__ = ["ALGORITHMS", "AlgorithmConfig", "AlgorithmConfigError", "AlgorithmRecord", "LR_PREFIX",
            "NonFiniteGradientError", "TaskMismatchError", "algorithm_names", "anil", "evaluate_tasks", "fomaml",
            "get_algorithm", "get_record", "init_params", "maml", "mann", "matching", "measure_task_batching",
-           "key_value", "meta_gradient_tasks", "metasgd", "protonet", "register", "relation", "reptile", "siamese",
-           "unregister", "use_batched"]
+           "key_value", "meta_gradient_tasks", "meta_lstm", "metasgd", "protonet", "register", "relation", "reptile",
+           "siamese", "unregister", "use_batched"]
 
 #: What every algorithm module must define besides its RECORD.
 INTERFACE = ("init_extra_params", "adapt", "meta_gradient", "meta_gradient_batched", "evaluate")
@@ -82,7 +83,8 @@ def unregister(name: str) -> None:
     _REGISTRY.pop(name, None)
 
 
-for _m in (maml, fomaml, reptile, metasgd, anil, mann, key_value, protonet, matching, relation, siamese):
+for _m in (maml, fomaml, reptile, metasgd, anil, mann, key_value, protonet, matching, relation, siamese,
+           meta_lstm):
     register(_m)
 
 #: The built-in algorithm names, in registry order (:func:`algorithm_names` includes later registrations).

@@ -27,6 +27,7 @@ DISTANCES = ("euclidean", "cosine")
 REPTILE_OPTIMIZERS = ("sgd", "adam")
 METASGD_LRS = ("per_param", "per_layer_step")
 TASK_BATCHING = ("auto", "loop", "batched")
+QUERY_BN = ("support", "batch")
 
 
 def unknown_name(field: str, value: object, known: tuple[str, ...]) -> AlgorithmConfigError:
@@ -41,7 +42,7 @@ class AlgorithmConfig:
 
     name: str = "maml"
     """Algorithm: maml, fomaml, reptile, metasgd, anil (inner loop); mann (sequence), memory (key-value module);
-    protonet, matching, relation, siamese (metric learners)."""
+    protonet, matching, relation, siamese (metric learners); meta_lstm (learned update rule)."""
     inner_lr: float = 0.4
     """Inner-loop step size (Meta-SGD: the initial value of every learned rate). MAML used 0.4 on Omniglot."""
     inner_steps: int = 1
@@ -82,6 +83,16 @@ class AlgorithmConfig:
     cosine_scale: float = 10.0
     """protonet with cosine, and matching's attention: scale * cos (a cosine in [-1, 1] is too flat a softmax input on
     its own); 1 is Vinyals et al.'s attention as printed."""
+    lstm_hidden: int = 20
+    """meta_lstm: hidden units of the LSTM under the meta cell (Ravi & Larochelle: 20)."""
+    lstm_p: float = 10.0
+    """meta_lstm: p of the log/sign preprocessing of loss and gradient (10 in both papers; DeepMind's code: 5)."""
+    support_batch: int = 0
+    """meta_lstm: support examples per update, taken in turn in an order fixed by the episode key (the paper's
+    5-shot batches); 0 = the whole support set at every update (its 1-shot setting)."""
+    query_bn: str = "support"
+    """meta_lstm: batch-norm statistics of the query set: 'support' (the adapted learner's statistics on the support
+    set, each query scored as if alone) or 'batch' (the query set's own: transductive, as MAML)."""
     check_finite: bool = True
     """Raise NonFiniteGradientError on a NaN/Inf gradient, naming the step and parameter (one sync per task)."""
 
@@ -91,7 +102,7 @@ class AlgorithmConfig:
                   "check_finite"):
             if not isinstance(getattr(self, f), bool):
                 raise AlgorithmConfigError(f"{f}: must be true or false, got {getattr(self, f)!r}")
-        for f in ("inner_steps", "eval_inner_steps", "reptile_batch_size"):
+        for f in ("inner_steps", "eval_inner_steps", "reptile_batch_size", "support_batch", "lstm_hidden"):
             if not isinstance(getattr(self, f), int) or isinstance(getattr(self, f), bool):
                 raise AlgorithmConfigError(f"{f}: must be an integer, got {getattr(self, f)!r}")
         if not isinstance(self.inner_lr, (int, float)) or isinstance(self.inner_lr, bool) \
@@ -122,6 +133,16 @@ class AlgorithmConfig:
                 or not math.isfinite(self.cosine_scale) or self.cosine_scale <= 0:
             raise AlgorithmConfigError(f"cosine_scale: must be a finite number > 0, got {self.cosine_scale!r}")
         object.__setattr__(self, "cosine_scale", float(self.cosine_scale))
+        if self.lstm_hidden < 1 or self.support_batch < 0:
+            bad = "lstm_hidden" if self.lstm_hidden < 1 else "support_batch"
+            raise AlgorithmConfigError(f"{bad}: must be >= {1 if bad == 'lstm_hidden' else 0}, got "
+                                       f"{getattr(self, bad)}")
+        if not isinstance(self.lstm_p, (int, float)) or isinstance(self.lstm_p, bool) \
+                or not math.isfinite(self.lstm_p) or self.lstm_p <= 0:
+            raise AlgorithmConfigError(f"lstm_p: must be a finite number > 0, got {self.lstm_p!r}")
+        object.__setattr__(self, "lstm_p", float(self.lstm_p))
+        if self.query_bn not in QUERY_BN:
+            raise unknown_name("query_bn", self.query_bn, QUERY_BN)
         if self.task_batching not in TASK_BATCHING:
             raise unknown_name("task_batching", self.task_batching, TASK_BATCHING)
         betas = tuple(self.reptile_adam_betas)

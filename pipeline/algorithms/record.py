@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-Family = Literal["gradient", "memory", "metric"]
+Family = Literal["gradient", "memory", "metric", "learned"]
 Predict = Literal["adapt", "sequence", "memory", "softmax", "sigmoid", "probability"]
 
 #: The metrics every SGD-inner-loop algorithm reports (before adaptation on the support set, after on the query).
@@ -38,7 +38,8 @@ class AlgorithmRecord:
     name: str
     """The registry key and the value of ``algorithm.name`` in a config."""
     family: Family
-    """'gradient' (inner SGD loop), 'memory' (adaptation is writing a memory) or 'metric' (embedding the support)."""
+    """'gradient' (inner SGD loop), 'memory' (adaptation is writing a memory), 'metric' (embedding the support) or
+    'learned' (a learned update rule writes the weights)."""
     models: tuple[str, ...]
     """The ``model.name`` values it runs, the first being the default; 'mlp' (the sinusoid MLP) means regression."""
     predict: Predict
@@ -62,6 +63,8 @@ class AlgorithmRecord:
     """Boolean settings that are a mistake with this algorithm when true, each with the reason shown."""
     metrics: tuple[str, ...] = QUERY_METRICS
     """The metrics ``meta_gradient`` and ``evaluate`` report (a sequence model adds ``inst<k>_acc``)."""
+    reads_query_bn: bool = False
+    """Whether ``algorithm.query_bn`` decides how its query set is batch-normalised (then named in eval.json)."""
     builder: ModelBuilder | None = None
     """How its network is built on image data (a function of its module, see :data:`ModelBuilder`); None: the
     classifier of the gradient learners, Conv4 ``data.ways`` wide. The sinusoid MLP (``mlp``) needs no builder.

@@ -148,6 +148,9 @@ def summarize(rows: list[dict], cfg: Config, split: str, extra: dict | None = No
             out["instance_ci95"][str(k)] = ci95(v)
     elif not cfg.algorithm.record.adapts_weights:
         out["inner_steps"] = None  # the memory or the embedding of the support set adapts, not the weights
+    if cfg.algorithm.record.reads_query_bn:
+        # 'support': queries normalised with the support set's statistics; 'batch': with their own (transductive).
+        out["query_bn"] = cfg.algorithm.query_bn
     return out | (extra or {})
 
 

@@ -1,0 +1,1 @@
+"""Learned update rules: the LSTM meta-learner of Ravi & Larochelle (meta_lstm)."""
