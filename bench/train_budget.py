@@ -7,6 +7,7 @@
     python bench/train_budget.py --algo memory --minutes 60      # Kaiser et al.'s memory module, 5w1s
     python bench/train_budget.py --algo protonet --minutes 20 [--ways 20] [--shots 5]
     python bench/train_budget.py --algo matching,relation --minutes 40 --parallel   # a core each, at once
+    python bench/train_budget.py --algo meta_lstm --minutes 40 --parallel [--shots 5]   # and FOMAML, its peer
 
 Trains the algorithm's config (configs/omniglot_<algo>_5w1s.yaml; mann: omniglot_mann_5class.yaml) through the whole
 pipeline (local Ray, parameter server, MLflow) until the budget is spent, then evaluates the final weights on 600
@@ -15,7 +16,9 @@ field (as for `metatrain train`). For mann the table is accuracy by instance (1s
 class), MANN next to an LSTM of the same controller size trained on the same budget (--no-baseline skips it).
 --parallel trains the two (or the comma-separated --algo list) at the same time, each with one worker on its own core
 for the whole --minutes: with two, the same compute as two sequential runs of half the budget on both cores, in half
-the wall time.
+the wall time. An algorithm with a peer (meta_lstm: FOMAML, the first-order learner of the same cost per inner step)
+trains it on the same budget in the same report, with the paired difference on the same test episodes
+(--no-baseline skips it). The config is configs/omniglot_<algo>_5w<shots>s.yaml where it exists, else the 5w1s one.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from metatrain.pipeline.jobs.train import train  # noqa: E402
 PUBLISHED = {"maml": (98.7, "Finn et al. 2017"), "fomaml": (98.3, "Finn et al. 2017"),
              "reptile": (97.68, "Nichol et al. 2018, transductive"), "protonet": (98.8, "Snell et al. 2017"),
              "matching": (98.1, "Vinyals et al. 2016"), "memory": (98.4, "Kaiser et al. 2017"),
-             "relation": (99.6, "Sung et al. 2018"), "siamese": (float("nan"), "Koch et al. 2015: 92.0% at 20-way")}
+             "relation": (99.6, "Sung et al. 2018"), "siamese": (float("nan"), "Koch et al. 2015: 92.0% at 20-way"),
+             "meta_lstm": (float("nan"), "Ravi & Larochelle 2017: mini-ImageNet only")}
 # The papers' Omniglot accuracies by (ways, shots) where they report more than 5w1s (%).
 PUBLISHED_BY_TASK = {"protonet": {(5, 1): 98.8, (5, 5): 99.7, (20, 1): 96.0, (20, 5): 98.9},
                      "matching": {(5, 1): 98.1, (5, 5): 98.9, (20, 1): 93.8, (20, 5): 98.5},
@@ -44,11 +48,20 @@ PUBLISHED_BY_TASK = {"protonet": {(5, 1): 98.8, (5, 5): 99.7, (20, 1): 96.0, (20
 PUBLISHED_MANN = {"MANN (LRUA)": (36.4, 82.8, 91.0, 94.9, 98.1), "LSTM": (24.4, 49.5, 55.3, 61.0, 63.6)}
 INSTANCES = ("1", "2", "3", "5", "10")
 CONFIGS = {"mann": "omniglot_mann_5class.yaml"}
+# The peer trained on the same budget in the same report (the issue's yardstick for the learned update rule).
+PEERS = {"meta_lstm": "fomaml"}
+
+
+def config_for(algo: str, shots: int) -> Path:
+    root = Path(__file__).resolve().parents[1] / "configs"
+    if algo in CONFIGS:
+        return root / CONFIGS[algo]
+    own = root / f"omniglot_{algo}_5w{shots}s.yaml"
+    return own if own.is_file() else root / f"omniglot_{algo}_5w1s.yaml"
 
 
 def run(algo: str, args, extra: list[str]) -> tuple:
-    root = Path(__file__).resolve().parents[1]
-    config = root / "configs" / CONFIGS.get(algo, f"omniglot_{algo}_5w1s.yaml")
+    config = config_for(algo, args.shots)
     label = algo + ("-lstm" if "model.name=lstm" in extra else "")
     out = args.out or f"runs/budget-{label}-{args.ways}w{args.shots}s-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.out and (algo == "mann" and not args.no_baseline or "," in args.algo):
@@ -136,7 +149,7 @@ def main() -> None:
     ap.add_argument("--shots", type=int, default=1)
     ap.add_argument("--data", default="data/omniglot")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--no-baseline", action="store_true", help="mann: skip the LSTM baseline")
+    ap.add_argument("--no-baseline", action="store_true", help="mann: skip the LSTM baseline; meta_lstm: FOMAML")
     ap.add_argument("--parallel", action="store_true",
                     help="train the algorithms (mann: MANN and the LSTM) at once, a core each")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
@@ -179,6 +192,8 @@ def main() -> None:
             print(f"{name}: run {result.run_id} in {out}")
         return
     algos = args.algo.split(",")
+    if len(algos) == 1 and algos[0] in PEERS and not args.no_baseline:
+        algos.append(PEERS[algos[0]])
     if args.parallel:
         runs = run_parallel([(a, []) for a in algos], args)
     else:
@@ -198,6 +213,10 @@ def main() -> None:
         print(f"| {algo} | {args.ways}w{args.shots}s | {args.minutes:g} min | {result.final_step} | "
               f"{wall:.0f} | {100 * s['accuracy']:.2f} ± {100 * s['ci95']:.2f}% | "
               f"{'-' if paper != paper else f'{paper}%'} ({source}) |")  # paper != paper: NaN, none at this task
+    if len(runs) == 2:
+        d, ci = paired_differences(*(Path(r[-1]) / "eval_tasks.parquet" for r in runs), ["query_acc"])["query_acc"]
+        print(f"| {algos[0]} - {algos[1]}, paired | {args.ways}w{args.shots}s | | | | {100 * d:+.2f} ± {100 * ci:.2f} "
+              f"points | |")
     for algo, (config, result, _, out) in zip(algos, runs):
         print(f"{algo}: config {config.name}, run {result.run_id} in {out}")
 
