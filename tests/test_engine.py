@@ -91,6 +91,16 @@ def test_one_and_two_workers_give_the_same_parameters(clean, omniglot_store, tmp
     assert not torch.allclose(initial["head.weight"], weights["head.weight"])  # training moved the weights
 
 
+def test_meta_lstm_one_and_two_workers_give_the_same_parameters(omniglot_store, tmp_path):
+    """The learned update rule through the same workers and server: c_0 and the meta_lstm.* weights are
+    bit-identical whether one worker or two computed the tasks."""
+    cfgs = [tiny(omniglot_store, "algorithm.name=meta_lstm", "algorithm.inner_steps=2", "train.steps=2",
+                 "optim.clip_norm=0.25", f"workers.count={n}") for n in (1, 2)]
+    (_, v1, one, *_), (_, v2, two, *_) = (run(c, tmp_path, f"w{i}") for i, c in enumerate(cfgs))
+    assert v1 == v2 == 2 and one.keys() == two.keys() and any(k.startswith("meta_lstm.") for k in one)
+    assert all(torch.equal(one[k], two[k]) for k in one)
+
+
 def test_proportional_counts_follow_the_speeds():
     assert proportional_counts(32, [1.0, 1.0]) == [16, 16]
     assert proportional_counts(32, [14.7, 12.5]) == [17, 15]
