@@ -194,6 +194,7 @@ def main() -> None:
     algos = args.algo.split(",")
     if len(algos) == 1 and algos[0] in PEERS and not args.no_baseline:
         algos.append(PEERS[algos[0]])
+        args.algo = ",".join(algos)  # so that each run gets its own folder under --out
     if args.parallel:
         runs = run_parallel([(a, []) for a in algos], args)
     else:

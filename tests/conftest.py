@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,6 +99,15 @@ def prototype_episode(slot: int, ways: int = 3, shots: int = 1, queries: int = 2
     noise = lambda n: 0.2 * torch.randn(n, 1, size, size, generator=g)  # noqa: E731
     return Episode(protos[sy] + noise(len(sy)), sy, protos[qy] + noise(len(qy)), qy, torch.arange(ways),
                    torch.zeros(ways, dtype=torch.long), (0, step, slot))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: one intra-op thread is faster, and on a busy 2-core machine far faster (no spin-waiting)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -34,14 +34,7 @@ from metatrain.pipeline.algorithms import (
 )
 from metatrain.pipeline.algorithms.gradient.inner_loop import LR_PREFIX
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and on a busy 2-core machine far faster (no spin-waiting)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class TinyBody(nn.Module):

@@ -28,13 +28,7 @@ from metatrain.pipeline.algorithms import AlgorithmConfig, fomaml, maml, reptile
 D, N, TASKS = 3, 5, 6  # features, examples per minibatch, tasks
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and on a busy 2-core machine far faster (no spin-waiting)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def features(x: torch.Tensor) -> torch.Tensor:

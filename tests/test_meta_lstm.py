@@ -257,3 +257,17 @@ def test_the_rgb_imagefolder_config_runs_end_to_end(tmp_path):
                  "--set", "tracking.system_metrics=false"]) == 0
     summary = json.loads((out / "eval.json").read_text())
     assert summary["split"] == "test" and summary["tasks"] == 4 and summary["query_bn"] == "support"
+
+
+def test_a_meta_learner_of_another_size_has_another_checkpoint_fingerprint():
+    from metatrain.pipeline.components import build_model, fingerprint
+    from metatrain.pipeline.config import load_config
+
+    def fp(*extra):
+        c = load_config("configs/omniglot_meta_lstm_5w1s.yaml", list(extra))
+        return fingerprint(c, build_model(c, (1, 28, 28)))
+
+    assert fp() == fp("algorithm.query_bn=batch")  # not a shape
+    assert fp() != fp("algorithm.lstm_hidden=10")
+    maml = ["algorithm.name=maml", "model.hidden=32"]
+    assert fp(*maml) == fp(*maml, "algorithm.lstm_hidden=10")  # maml's fingerprint ignores the LSTM's size

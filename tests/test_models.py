@@ -8,14 +8,7 @@ import torch.nn.functional as F
 from metatrain.models import Conv4, EpisodeBatchNorm2d, ModelConfigError, SinusoidMLP, max_pool2x2
 from metatrain.tasks.errors import MetatrainError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and on a busy 2-core machine far faster (no spin-waiting)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def n_params(model: torch.nn.Module) -> int:

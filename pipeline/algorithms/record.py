@@ -63,6 +63,9 @@ class AlgorithmRecord:
     """Boolean settings that are a mistake with this algorithm when true, each with the reason shown."""
     metrics: tuple[str, ...] = QUERY_METRICS
     """The metrics ``meta_gradient`` and ``evaluate`` report (a sequence model adds ``inst<k>_acc``)."""
+    shape_fields: tuple[str, ...] = ()
+    """Algorithm settings that shape its own meta-parameters (meta_lstm: lstm_hidden): part of the checkpoint
+    fingerprint, so a checkpoint of another shape is refused with one line instead of failing in a copy."""
     reads_query_bn: bool = False
     """Whether ``algorithm.query_bn`` decides how its query set is batch-normalised (then named in eval.json)."""
     builder: ModelBuilder | None = None

@@ -75,7 +75,7 @@ def build_network(cfg: Config, shape: tuple[int, int, int]) -> Conv4:
 
 RECORD = AlgorithmRecord(name="meta_lstm", family="learned", models=("conv4",), predict="softmax",
                          adapts_weights=True, param_prefix=PREFIX, metrics=GRADIENT_METRICS, builder=build_network,
-                         reads_query_bn=True,
+                         reads_query_bn=True, shape_fields=("lstm_hidden",),
                          forbidden=(("first_order", "meta_lstm is first-order by construction (the learner's "
                                                     "gradients are inputs); leave first_order unset"),
                                     ("multi_step_loss", "meta_lstm trains on the query loss after the last update"),
