@@ -2,6 +2,7 @@
 
     python bench/learned_optimizer.py                          # quadratics and the digits MLP, both training modes
     python bench/learned_optimizer.py --families quadratic --train-tasks 600 --heldout 100
+    python bench/learned_optimizer.py --families quadratic --equal-updates   # both modes with as many Adam steps
 
 For each optimizee family (``quadratic``: ||W theta - y||^2, 10-d; ``mlp``: one hidden layer of 20 sigmoid units on
 scikit-learn's 8x8 digits, minibatches of 128):
@@ -99,6 +100,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3, help="Adam's rate for the optimizer's weights")
     ap.add_argument("--out", default="bench/learned_optimizer")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--equal-updates", action="store_true",
+                    help="per-trajectory mode trains on 5x the optimizees (unroll / truncation): as many Adam steps "
+                         "as per-window")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -112,19 +116,21 @@ def main() -> None:
         trained = {}
         for mode, per_window in (("per-trajectory", False), ("per-window", True)):
             t0 = time.time()
+            n = args.train_tasks * (100 // 20 if args.equal_updates and not per_window else 1)
             weights, _ = l2l_gd.train_in_process(l2l_gd.fresh_weights(opt, seed=0),
-                                                 (train.task(i, 0) for i in range(args.train_tasks)), opt,
+                                                 (train.task(i, 0) for i in range(n)), opt,
                                                  unroll=100, truncation=20, lr=args.lr, per_window=per_window)
-            trained[mode] = (weights, time.time() - t0)
+            trained[mode] = (weights, time.time() - t0, n)
             torch.save(weights, out / f"{family}-{mode}.pt")
         cases = MLP_CASES if family == "mlp" else {family: {}}
         for case, options in cases.items():
             heldout = [family_sampler(family, 1, **options).task(0, s) for s in range(args.heldout)]
             tuning = [family_sampler(family, 0, **options).task(10**6, s) for s in range(args.tune_tasks)]
             results, notes = {}, {}
-            for mode, (weights, secs) in trained.items():
+            for mode, (weights, secs, n) in trained.items():
                 results[f"LSTM, {mode}"] = np.array([l2l_gd.optimize(weights, t, opt, 200)[0] for t in heldout])
-                notes[f"LSTM, {mode}"] = f"trained {secs:.0f} s on {family}" + (" (base MLP)" if options else "")
+                notes[f"LSTM, {mode}"] = (f"trained {secs:.0f} s on {n} {family} optimizees"
+                                          + (" (base MLP)" if options else ""))
             for name, make in BASELINES.items():
                 lr = tune(make, tuning, 100)
                 results[name] = np.array([hand_curve(make, lr, t, 200) for t in heldout])
