@@ -149,6 +149,13 @@ class CoordinateLSTM(nn.Module):
         self.cells = nn.ModuleList(nn.LSTMCell(in_size if i == 0 else hidden, hidden) for i in range(layers))
         self.out = nn.Linear(hidden, 1)
 
+    def reset_parameters(self) -> None:
+        """Redraw every weight from the global generator, in construction order (so a seeded reset draws what a
+        seeded construction does)."""
+        for cell in self.cells:
+            cell.reset_parameters()
+        self.out.reset_parameters()
+
     def init_state(self, n_coords: int, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None) -> LSTMState:
         """Zero hidden and cell state for ``n_coords`` coordinates (the optimizer's dtype and device by default)."""
@@ -173,6 +180,26 @@ class CoordinateLSTM(nn.Module):
             cs.append(c)
             x = h
         return self.out(x).squeeze(-1) * self.output_scale, LSTMState(tuple(hs), tuple(cs))
+
+
+class PackedOptimizerStep(nn.Module):
+    """One step of a :class:`CoordinateLSTM` as a single tensor in and out, for serving (MLflow's pt2 export wants
+    tensors, not an ``LSTMState``): row n is coordinate n, columns ``[grad | h_1..h_L | c_1..c_L]`` in,
+    ``[update | h_1..h_L | c_1..c_L]`` out, so a caller feeds the state columns of one answer into the next call
+    (zeros at the first step). ``width`` = 1 + 2 * layers * hidden."""
+
+    def __init__(self, opt: CoordinateLSTM) -> None:
+        super().__init__()
+        if opt.use_loss:
+            raise ModelConfigError("use_loss: a packed step takes the gradient alone")
+        self.opt = opt
+        self.width = 1 + 2 * opt.layers * opt.hidden
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden, layers = self.opt.hidden, self.opt.layers
+        parts = torch.split(x[:, 1:], hidden, dim=1)
+        update, state = self.opt(x[:, 0], LSTMState(tuple(parts[:layers]), tuple(parts[layers:])))
+        return torch.cat([update.unsqueeze(1), *state.h, *state.c], dim=1)
 
 
 @dataclass(frozen=True)

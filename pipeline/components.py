@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from metatrain.models import Conv4, FewShotModel, SinusoidMLP
 from metatrain.tasks.errors import DataError
+from metatrain.tasks.optimizees import make_optimizee_sampler
 from metatrain.tasks.samplers import EpisodeSampler, SequenceEpisodeSampler, SinusoidSampler
 from metatrain.tasks.store import TaskStore, read_manifest
 
@@ -23,7 +24,7 @@ SPLITS = ("train", "val", "test")
 
 
 def open_store(cfg: Config) -> TaskStore | None:
-    """The run's store (None for sinusoids); a missing store names the command that makes it."""
+    """The run's store (None for sinusoids and optimizees); a missing store names the command that makes it."""
     if image_shape(cfg) is None:
         return None
     return TaskStore.open(cfg.data.path)
@@ -38,6 +39,11 @@ def build_sampler(cfg: Config, store: TaskStore | None, split: str):
     if d.is_sinusoid:
         # Different seeds per split keep validation/test tasks apart from the training ones.
         return SinusoidSampler(shots=d.shots, queries=d.queries, seed=seed + (0 if split == "train" else 1_000_003))
+    if d.optimizee_family:
+        # Held-out optimizees are other draws (seeds apart from the training ones; val and test apart too).
+        offset = {"train": 0, "val": 1_000_003, "test": 2_000_003}[split]
+        return make_optimizee_sampler(d.optimizee_family, seed=seed + offset,
+                                      **cfg.optimizee.sampler_options(d.optimizee_family, d, split))
     name = {"train": d.train_split, "val": d.val_split, "test": d.test_split}[split]
     rotations = None if d.rotations == "auto" else d.rotations == "on"
     if split != "train" and d.rotations == "on":
@@ -52,7 +58,7 @@ def build_sampler(cfg: Config, store: TaskStore | None, split: str):
 
 def image_shape(cfg: Config) -> tuple[int, int, int] | None:
     """(channels, height, width) of the run's images, from the store's manifest alone (no images loaded)."""
-    if cfg.data.is_sinusoid:
+    if not cfg.data.has_images:
         return None
     try:
         return tuple(read_manifest(Path(cfg.data.path))["image_shape"])
@@ -72,6 +78,11 @@ def build_model(cfg: Config, shape: tuple[int, int, int] | None) -> FewShotModel
     m, record = cfg.model, cfg.algorithm.record
     if m.name == SINUSOID_MODEL:
         return SinusoidMLP(hidden=(m.hidden, m.hidden))
+    if record.optimizee_tasks:  # the network is the learned optimizer: no images
+        try:
+            return record.builder(cfg, None)
+        except ValueError as e:
+            raise ConfigError(f"algorithm: {e}") from None
     if shape is None:
         raise ConfigError(f"model.name {m.name} needs image data (data.dataset is sinusoid)")
     channels, height, width = shape
@@ -92,6 +103,9 @@ def build_model(cfg: Config, shape: tuple[int, int, int] | None) -> FewShotModel
 def example_input(cfg: Config) -> torch.Tensor:
     """A zero input of the shape the run's model takes: what MLflow traces to save the model as pt2."""
     shape = image_shape(cfg)
+    if cfg.algorithm.record.optimizee_tasks:  # the packed optimizer step (record.serve): 8 coordinates
+        a = cfg.algorithm
+        return torch.zeros(8, 1 + 2 * a.lstm_layers * a.lstm_hidden)
     if shape is None:
         return torch.zeros(cfg.data.shots, 1)
     if cfg.sequence_episodes:  # a sequence model: one sequence of images, each with the previous label

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import yaml
 from metatrain.tasks.errors import MetatrainError, did_you_mean
+from metatrain.tasks.optimizees import ACTIVATIONS, MLP_SOURCES, OPTIMIZEE_FAMILIES
 
 from metatrain.pipeline.algorithms import algorithm_names, get_record
 from metatrain.pipeline.algorithms.config import AlgorithmConfig
@@ -42,9 +43,11 @@ class DataConfig:
     """Where episodes come from and their shape."""
 
     dataset: str = "omniglot"
-    """``sinusoid`` (MAML regression tasks, no store) or the name of a prepared store's dataset (omniglot, ...)."""
+    """``sinusoid`` (MAML regression tasks, no store), an optimizee family of the learned optimizer l2l_gd
+    (``quadratic``, ``mlp``: see the ``optimizee`` section), or a prepared store's dataset name (omniglot, ...)."""
     path: str = "data/omniglot"
-    """Prepared store folder (``metatrain prepare ...``); unused for sinusoids."""
+    """Prepared store folder (``metatrain prepare ...``); mlp optimizees: the store (optimizee.source omniglot) or
+    the folder of MNIST's IDX files (mnist); unused for sinusoids, quadratics and digits."""
     ways: int = 5
     """Classes per episode (the classifier head's width for inner-loop learners)."""
     shots: int = 1
@@ -79,6 +82,57 @@ class DataConfig:
     @property
     def is_sinusoid(self) -> bool:
         return self.dataset == "sinusoid"
+
+    @property
+    def optimizee_family(self) -> str | None:
+        """The optimizee family (tasks/optimizees.py) when the tasks are optimizees, else None."""
+        return self.dataset if self.dataset in OPTIMIZEE_FAMILIES else None
+
+    @property
+    def has_images(self) -> bool:
+        """Whether episodes come from a prepared image store (not sinusoids, not optimizees)."""
+        return not self.is_sinusoid and self.optimizee_family is None
+
+
+@dataclass(frozen=True)
+class OptimizeeConfig:
+    """The optimizee tasks of a learned optimizer (``data.dataset`` quadratic or mlp; read by l2l_gd only)."""
+
+    dim: int = 10
+    """quadratic: coordinates of theta (the paper: 10)."""
+    source: Literal[MLP_SOURCES] = "digits"
+    """mlp: the examples: scikit-learn's 8x8 ``digits`` (ships with it), 10-class subsets of the ``omniglot`` store at
+    data.path (classes of data.train_split / val_split / test_split), or ``mnist`` IDX files in data.path."""
+    hidden: tuple[int, ...] = (20,)
+    """mlp: widths of the hidden layers (the paper: one of 20; its generalisation tests: [40], [20, 20])."""
+    activation: Literal[ACTIVATIONS] = "sigmoid"
+    """mlp: hidden activation (the paper: sigmoid; ReLU is its failing generalisation test)."""
+    batch_size: int = 128
+    """mlp: examples per minibatch, one minibatch per optimizee step (the paper: 128)."""
+    ways: int = 10
+    """mlp on omniglot: classes per optimizee."""
+    image_size: int = 14
+    """mlp on omniglot: images average-pooled to this side (14: 196 inputs)."""
+
+    def __post_init__(self):
+        for name in ("dim", "batch_size", "ways", "image_size"):
+            _require(getattr(self, name) >= 1, f"optimizee.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _require(len(self.hidden) >= 1 and all(h >= 1 for h in self.hidden), "optimizee.hidden",
+                 f"must be a non-empty list of widths >= 1, got {list(self.hidden)}")
+
+    def sampler_options(self, family: str, data: DataConfig, split: str) -> dict:
+        """The options of tasks/optimizees.py's sampler of ``family`` for ``split`` (train / val / test)."""
+        if family == "quadratic":
+            return {"dim": self.dim}
+        options = {"source": self.source, "hidden": self.hidden, "activation": self.activation,
+                   "batch_size": self.batch_size}
+        if self.source == "omniglot":
+            name = {"train": data.train_split, "val": data.val_split, "test": data.test_split}[split]
+            options |= {"path": data.path, "split": name, "ways": self.ways, "image_size": self.image_size,
+                        "split_seed": data.split_seed}
+        elif self.source == "mnist":  # MNIST's own split: train optimizers on its training file, test on its test
+            options |= {"path": data.path, "split": "train" if split == "train" else "test"}
+        return options
 
 
 #: The model of sinusoid regression; an algorithm whose record lists it can regress.
@@ -279,10 +333,26 @@ class Config:
     """Ray workers."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """MLflow."""
+    optimizee: OptimizeeConfig = field(default_factory=OptimizeeConfig)
+    """Optimizee tasks (l2l_gd only)."""
 
     def __post_init__(self):
         algo, model, record = self.algorithm.name, self.model.name, self.algorithm.record
-        if self.data.is_sinusoid:
+        family = self.data.optimizee_family
+        families = ", ".join(OPTIMIZEE_FAMILIES)
+        if record.optimizee_tasks:
+            _require(family is not None, "data.dataset", f"must be an optimizee family ({families}) for "
+                     f"algorithm.name={algo}: it learns an optimizer, not a few-shot learner; got "
+                     f"{self.data.dataset!r}")
+            _require(self.algorithm.task_batching != "batched", "algorithm.task_batching",
+                     f"must be loop or auto for {algo} (optimizees run one at a time), got 'batched'")
+        elif family is not None:
+            _require(False, "algorithm.name", f"{algo} learns from few-shot episodes; data.dataset={family} is an "
+                     f"optimizee family (for the learned optimizer l2l_gd)")
+        if family is not None:
+            _require(model in record.models, "model.name", f"must be {_one_of(record.models)} for algorithm.name="
+                     f"{algo}, got {model!r}")
+        elif self.data.is_sinusoid:
             _require(model == SINUSOID_MODEL, "model.name", f"must be {SINUSOID_MODEL!r} for data.dataset=sinusoid, "
                      f"got {model!r}")
             _require(SINUSOID_MODEL in record.models, "algorithm.name", f"{algo} needs image data, not sinusoids")

@@ -10,7 +10,8 @@ is a trained coordinate-wise LSTM (Andrychowicz et al. 2016, trained by :mod:`.l
 Each parameter keeps its own per-coordinate LSTM state (``opt.state[p]``, as torch.optim keeps Adam's moments), and
 a step runs the LSTM once over all coordinates of all parameters that have a gradient (one batched call per layer).
 The weights come from a dict, a file of them (loaded with ``weights_only=True``), or a training run's checkpoint
-(``run=RUN_ID`` or ``model="models:/NAME@ALIAS"``, its ``params``, read as ``metatrain eval`` reads them).
+(``run=RUN_ID`` or ``model="models:/NAME@ALIAS"`` of an ``l2l_gd`` run: its final checkpoint, read with
+``weights_only=True`` as ``metatrain eval`` reads it, and the sizes and output scale it was trained with).
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from metatrain.pipeline.algorithms.errors import AlgorithmConfigError
 from metatrain.pipeline.algorithms.learned.l2l_gd import check_weights
 
 
-def _resolve(weights, run: str | None, model: str | None, tracking_uri: str | None) -> tuple[dict, str]:
+def _resolve(weights, run: str | None, model: str | None, tracking_uri: str | None
+             ) -> tuple[dict, str, dict | None]:
+    """(weights, where they came from, the training run's algorithm settings or None for plain weights)."""
     given = [name for name, v in (("weights", weights), ("run", run), ("model", model)) if v is not None]
     if len(given) != 1:
         raise AlgorithmConfigError(f"LearnedOptimizer: give exactly one of weights=, run=, model= (got "
@@ -41,13 +44,17 @@ def _resolve(weights, run: str | None, model: str | None, tracking_uri: str | No
             raise AlgorithmConfigError(f"weights: {path} is not a saved dict of tensors ({type(e).__name__})") from None
         if not isinstance(loaded, Mapping) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
             raise AlgorithmConfigError(f"weights: {path} is not a saved dict of tensors")
-        return dict(loaded), str(path)
+        return dict(loaded), str(path), None
     if weights is not None:
-        return dict(weights), "weights"
+        return dict(weights), "weights", None
     from metatrain.pipeline.jobs.train import checkpoint_of  # how `metatrain eval` reads runs and the registry
 
     state, where = checkpoint_of(run, model, tracking_uri)
-    return dict(state["params"]), where
+    algorithm = state.get("config", {}).get("algorithm", {})
+    if algorithm.get("name") != "l2l_gd":
+        raise AlgorithmConfigError(f"{'run' if run else 'model'}: {where} trained {algorithm.get('name')!r}, not "
+                                   f"the learned optimizer l2l_gd")
+    return dict(state["params"]), where, algorithm
 
 
 class LearnedOptimizer(torch.optim.Optimizer):
@@ -57,7 +64,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
                  model: str | None = None, tracking_uri: str | None = None, hidden: int = 20, layers: int = 2,
                  output_scale: float = 0.1, p: float = 10.0) -> None:
         super().__init__(params, defaults={})
-        phi, source = _resolve(weights, run, model, tracking_uri)
+        phi, source, trained = _resolve(weights, run, model, tracking_uri)
+        if trained is not None:  # a run says what it trained: its sizes, not the arguments' defaults
+            hidden, layers = trained["lstm_hidden"], trained["lstm_layers"]
+            output_scale, p = trained["output_scale"], trained["lstm_p"]
         self.net = CoordinateLSTM(hidden=hidden, layers=layers, output_scale=output_scale, p=p)
         check_weights(phi, self.net, source)
         self.net.load_state_dict({k: v.float() for k, v in phi.items()})

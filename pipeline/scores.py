@@ -11,8 +11,22 @@ import numpy as np
 
 
 def task_metric(rows: list[dict]) -> str:
-    """``"query_acc"`` for a classification task's per-task rows, ``"query_loss"`` (MSE) for a regression's."""
-    return "query_acc" if "query_acc" in rows[0] else "query_loss"
+    """``"query_acc"`` for a classification task's per-task rows, ``"final_loss"`` for a learned optimizer's (the
+    optimizee's loss after the unroll), ``"query_loss"`` (MSE) for a regression's."""
+    for key in ("query_acc", "final_loss"):
+        if key in rows[0]:
+            return key
+    return "query_loss"
+
+
+def higher_is_better(key: str) -> bool:
+    """Whether a larger mean of ``key`` (a :func:`task_metric`) is the better model."""
+    return key == "query_acc"
+
+
+def metric_label(key: str) -> str:
+    """The name eval.json and the val/ and test/ metrics give a :func:`task_metric`."""
+    return {"query_acc": "accuracy", "final_loss": "final_loss"}.get(key, "mse")
 
 
 def ci95(values) -> float:

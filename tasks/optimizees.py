@@ -27,6 +27,7 @@ Every task implements :class:`OptimizeeTask`, which is all a learned optimizer n
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gzip
 import inspect
@@ -138,6 +139,12 @@ class QuadraticTask:
             raise EpisodeError("this QuadraticTask has no theta0 (draw it with QuadraticSampler.task, or pass theta0)")
         return {"theta": self.theta0.clone()}
 
+    def to(self, device: torch.device | str) -> QuadraticTask:
+        """The same task with its tensors on ``device`` (what a GPU worker does with every task it draws)."""
+        moved = {k: None if v is None else v.to(device) for k, v in (("W", self.W), ("y", self.y),
+                                                                      ("theta0", self.theta0))}
+        return dataclasses.replace(self, **moved)
+
     def minimum(self) -> torch.Tensor:
         """The least-squares minimiser (what an optimizer should approach; W is almost surely invertible)."""
         return torch.linalg.lstsq(self.W, self.y.unsqueeze(-1)).solution.squeeze(-1)
@@ -157,6 +164,10 @@ class QuadraticSampler:
         w = torch.from_numpy(rng.standard_normal((self.dim, self.dim))).float()
         y = torch.from_numpy(rng.standard_normal(self.dim)).float()
         return QuadraticTask(w, y, (int(self.seed), int(step), int(slot)), self.initial_point(step, slot))
+
+    def episode(self, step: int, slot: int) -> QuadraticTask:
+        """The engine's name for :meth:`task` (every sampler a worker holds answers ``episode(step, slot)``)."""
+        return self.task(step, slot)
 
     def initial_point(self, step: int, slot: int) -> torch.Tensor:
         """theta_0 of the task at (step, slot): its own stream, so it does not shift when the task's draw changes."""
@@ -369,10 +380,14 @@ class MLPTask:
         """Mean cross-entropy on all the task's examples."""
         return F.cross_entropy(self.logits(params, self.x), self.y.to(params["w0"].device))
 
+    def to(self, device: torch.device | str) -> MLPTask:
+        """The same task with its examples on ``device`` (initial parameters are drawn on the CPU, then moved)."""
+        return dataclasses.replace(self, x=self.x.to(device), y=self.y.to(device))
+
     def accuracy(self, params: Mapping[str, torch.Tensor]) -> float:
         """Share of the task's examples classified right."""
         with torch.no_grad():
-            return (self.logits(params, self.x).argmax(1).cpu() == self.y).float().mean().item()
+            return (self.logits(params, self.x).argmax(1).cpu() == self.y.cpu()).float().mean().item()
 
 
 class MLPSampler:
@@ -473,6 +488,10 @@ class MLPSampler:
         """The drawings of an Omniglot class of ``n`` images that ``examples`` keeps (drawer order)."""
         cut = n - int(n * HELDOUT_FRACTION)
         return {"all": range(n), "train": range(cut), "heldout": range(cut, n)}[self.examples]
+
+    def episode(self, step: int, slot: int) -> MLPTask:
+        """The engine's name for :meth:`task` (every sampler a worker holds answers ``episode(step, slot)``)."""
+        return self.task(step, slot)
 
     def task(self, step: int, slot: int) -> MLPTask:
         key = (int(self.seed), int(step), int(slot))

@@ -41,8 +41,11 @@ def test_records_agree_with_the_modules():
         rec = get_record(name)
         if rec.family == "gradient":
             assert rec.adapts_weights and rec.predict == "adapt"
+        elif rec.optimizee_tasks:  # a learned optimizer: no few-shot episodes, nothing to predict
+            assert rec.family == "learned" and rec.predict == "none" and not rec.adapts_weights
         else:  # a learned update rule writes the weights; memory and metric learners leave them
             assert rec.adapts_weights == (rec.family == "learned")
+        assert (rec.predict == "none") == rec.optimizee_tasks
         if rec.predict in ("softmax", "sigmoid", "probability"):
             assert callable(get_algorithm(name).scores)
         assert rec.auto_batched == rec.sequence_episodes  # only the sequence model batches on the CPU

@@ -12,7 +12,9 @@ import signal
 import pytest
 import ray
 import torch
+from metatrain.models import CoordinateLSTM
 
+from metatrain.pipeline.components import initial_params
 from metatrain.pipeline.config import load_config
 from metatrain.pipeline.distributed.engine import Engine, proportional_counts, split_slots
 from metatrain.pipeline.distributed.trainer import Trainer
@@ -99,6 +101,19 @@ def test_meta_lstm_one_and_two_workers_give_the_same_parameters(omniglot_store, 
     (_, v1, one, *_), (_, v2, two, *_) = (run(c, tmp_path, f"w{i}") for i, c in enumerate(cfgs))
     assert v1 == v2 == 2 and one.keys() == two.keys() and any(k.startswith("meta_lstm.") for k in one)
     assert all(torch.equal(one[k], two[k]) for k in one)
+
+
+def test_l2l_gd_one_and_two_workers_give_the_same_parameters(tmp_path):
+    """The learned optimizer through the same workers and server: a slot is one optimizee trajectory, and the LSTM's
+    weights after 2 steps of 4 trajectories are bit-identical whether one worker or two unrolled them."""
+    cfgs = [load_config("configs/quadratic_l2l_gd.yaml", ["algorithm.unroll=10", "algorithm.truncation=5",
+                                                          "train.steps=2", "train.meta_batch=4", "train.val_every=0",
+                                                          "workers.cpus=1", f"workers.count={n}"]) for n in (1, 2)]
+    (_, v1, one, *_), (_, v2, two, *_) = (run(c, tmp_path, f"l2l{i}") for i, c in enumerate(cfgs))
+    assert v1 == v2 == 2 and set(one) == {k for k, _ in CoordinateLSTM().named_parameters()}
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    fresh = initial_params(cfgs[0], CoordinateLSTM())
+    assert not all(torch.equal(one[k], fresh[k]) for k in one)  # the server did update the optimizer
 
 
 def test_proportional_counts_follow_the_speeds():

@@ -2,7 +2,8 @@
 
 Every module (``maml``, ``fomaml``, ``reptile``, ``metasgd``, ``anil``; the memory models ``mann`` and ``memory``,
 whose "adaptation" is writing memory; the metric learners ``protonet``, ``matching``, ``relation``, ``siamese``,
-whose adaptation is embedding the support set; ``meta_lstm``, whose update rule is learned) exposes the same interface:
+whose adaptation is embedding the support set; ``meta_lstm``, whose update rule is learned; ``l2l_gd``, which learns
+an optimizer on optimizee tasks instead of episodes) exposes the same interface:
 
 * ``init_extra_params(model, cfg) -> params``: meta-parameters beyond the model's (Meta-SGD's rates; else ``{}``).
 * ``adapt(params, support, cfg, model, *, steps=None, create_graph=False, batched=False) -> params``
@@ -47,14 +48,14 @@ from metatrain.pipeline.algorithms.config import AlgorithmConfig, unknown_name
 from metatrain.pipeline.algorithms.errors import AlgorithmConfigError, NonFiniteGradientError, TaskMismatchError
 from metatrain.pipeline.algorithms.gradient import anil, fomaml, maml, metasgd, reptile
 from metatrain.pipeline.algorithms.gradient.inner_loop import LR_PREFIX, Metrics, Params
-from metatrain.pipeline.algorithms.learned import meta_lstm
+from metatrain.pipeline.algorithms.learned import l2l_gd, meta_lstm
 from metatrain.pipeline.algorithms.memory import key_value, mann
 from metatrain.pipeline.algorithms.metric import matching, protonet, relation, siamese
 from metatrain.pipeline.algorithms.record import AlgorithmRecord
 
 __all__ = ["ALGORITHMS", "AlgorithmConfig", "AlgorithmConfigError", "AlgorithmRecord", "LR_PREFIX",
            "NonFiniteGradientError", "TaskMismatchError", "algorithm_names", "anil", "evaluate_tasks", "fomaml",
-           "get_algorithm", "get_record", "init_params", "maml", "mann", "matching", "measure_task_batching",
+           "get_algorithm", "get_record", "init_params", "l2l_gd", "maml", "mann", "matching", "measure_task_batching",
            "key_value", "meta_gradient_tasks", "meta_lstm", "metasgd", "protonet", "register", "relation", "reptile",
            "siamese", "unregister", "use_batched"]
 
@@ -84,7 +85,7 @@ def unregister(name: str) -> None:
 
 
 for _m in (maml, fomaml, reptile, metasgd, anil, mann, key_value, protonet, matching, relation, siamese,
-           meta_lstm):
+           meta_lstm, l2l_gd):
     register(_m)
 
 #: The built-in algorithm names, in registry order (:func:`algorithm_names` includes later registrations).
@@ -122,6 +123,8 @@ def use_batched(cfg: AlgorithmConfig, params: Params) -> bool:
     activations as one grouped convolution are far larger than the cache, and the same work as separate per-task
     convolutions runs ~1.5-2.5x faster); batching pays when it fills a GPU.
     """
+    if get_record(cfg.name).optimizee_tasks:
+        return False  # optimizees do not stack; one trajectory is already batched over its coordinates
     if cfg.task_batching != "auto":
         return cfg.task_batching == "batched"
     if get_record(cfg.name).auto_batched:

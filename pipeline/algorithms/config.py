@@ -42,7 +42,7 @@ class AlgorithmConfig:
 
     name: str = "maml"
     """Algorithm: maml, fomaml, reptile, metasgd, anil (inner loop); mann (sequence), memory (key-value module);
-    protonet, matching, relation, siamese (metric learners); meta_lstm (learned update rule)."""
+    protonet, matching, relation, siamese (metric learners); meta_lstm, l2l_gd (learned update rules)."""
     inner_lr: float = 0.4
     """Inner-loop step size (Meta-SGD: the initial value of every learned rate). MAML used 0.4 on Omniglot."""
     inner_steps: int = 1
@@ -84,9 +84,19 @@ class AlgorithmConfig:
     """protonet with cosine, and matching's attention: scale * cos (a cosine in [-1, 1] is too flat a softmax input on
     its own); 1 is Vinyals et al.'s attention as printed."""
     lstm_hidden: int = 20
-    """meta_lstm: hidden units of the LSTM under the meta cell (Ravi & Larochelle: 20)."""
+    """meta_lstm: hidden units of the LSTM under the meta cell (Ravi & Larochelle: 20); l2l_gd: units per layer of
+    the optimizer (Andrychowicz et al.: 20)."""
+    lstm_layers: int = 2
+    """l2l_gd: LSTM layers of the coordinate-wise optimizer (Andrychowicz et al.: 2)."""
     lstm_p: float = 10.0
-    """meta_lstm: p of the log/sign preprocessing of loss and gradient (10 in both papers; DeepMind's code: 5)."""
+    """meta_lstm, l2l_gd: p of the log/sign preprocessing (10 in both papers; DeepMind's code: 5)."""
+    output_scale: float = 0.1
+    """l2l_gd: the optimizer's output is multiplied by this (the step size an untrained optimizer starts from;
+    DeepMind's code: 0.01)."""
+    unroll: int = 100
+    """l2l_gd: optimizee steps of one trajectory at meta-training, and of every evaluation (the paper: 100)."""
+    truncation: int = 20
+    """l2l_gd: truncated BPTT: the trajectory's graph is cut every this many steps (the paper: 20; <= unroll)."""
     support_batch: int = 0
     """meta_lstm: support examples per update, taken in turn in an order fixed by the episode key (the paper's
     5-shot batches); 0 = the whole support set at every update (its 1-shot setting)."""
@@ -102,7 +112,8 @@ class AlgorithmConfig:
                   "check_finite"):
             if not isinstance(getattr(self, f), bool):
                 raise AlgorithmConfigError(f"{f}: must be true or false, got {getattr(self, f)!r}")
-        for f in ("inner_steps", "eval_inner_steps", "reptile_batch_size", "support_batch", "lstm_hidden"):
+        for f in ("inner_steps", "eval_inner_steps", "reptile_batch_size", "support_batch", "lstm_hidden",
+                  "lstm_layers", "unroll", "truncation"):
             if not isinstance(getattr(self, f), int) or isinstance(getattr(self, f), bool):
                 raise AlgorithmConfigError(f"{f}: must be an integer, got {getattr(self, f)!r}")
         if not isinstance(self.inner_lr, (int, float)) or isinstance(self.inner_lr, bool) \
@@ -141,6 +152,16 @@ class AlgorithmConfig:
                 or not math.isfinite(self.lstm_p) or self.lstm_p <= 0:
             raise AlgorithmConfigError(f"lstm_p: must be a finite number > 0, got {self.lstm_p!r}")
         object.__setattr__(self, "lstm_p", float(self.lstm_p))
+        if not isinstance(self.output_scale, (int, float)) or isinstance(self.output_scale, bool) \
+                or not math.isfinite(self.output_scale) or self.output_scale <= 0:
+            raise AlgorithmConfigError(f"output_scale: must be a finite number > 0, got {self.output_scale!r}")
+        object.__setattr__(self, "output_scale", float(self.output_scale))
+        for f in ("lstm_layers", "unroll", "truncation"):
+            if getattr(self, f) < 1:
+                raise AlgorithmConfigError(f"{f}: must be >= 1, got {getattr(self, f)}")
+        if self.unroll < self.truncation:
+            raise AlgorithmConfigError(f"unroll: {self.unroll} steps is shorter than its truncation window of "
+                                       f"{self.truncation} (algorithm.truncation)")
         if self.query_bn not in QUERY_BN:
             raise unknown_name("query_bn", self.query_bn, QUERY_BN)
         if self.task_batching not in TASK_BATCHING:

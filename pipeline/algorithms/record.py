@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 Family = Literal["gradient", "memory", "metric", "learned"]
-Predict = Literal["adapt", "sequence", "memory", "softmax", "sigmoid", "probability"]
+Predict = Literal["adapt", "sequence", "memory", "softmax", "sigmoid", "probability", "none"]
 
 #: The metrics every SGD-inner-loop algorithm reports (before adaptation on the support set, after on the query).
 GRADIENT_METRICS = ("support_loss", "support_acc", "query_loss", "query_acc")
@@ -45,7 +45,7 @@ class AlgorithmRecord:
     predict: Predict
     """How predict scores classes: 'adapt' (inner loop, then softmax of the logits), 'sequence' (a sequence model's
     last output), 'memory' (nearest written key per class), or the metric scores' 'softmax', 'sigmoid', or
-    'probability' (already probabilities)."""
+    'probability' (already probabilities); 'none': it learns no classifier (l2l_gd learns an optimizer)."""
     adapts_weights: bool
     """Whether the inner loop adapts weights (so eval inner steps mean something); else the support is embedded or
     written to memory."""
@@ -68,10 +68,17 @@ class AlgorithmRecord:
     fingerprint, so a checkpoint of another shape is refused with one line instead of failing in a copy."""
     reads_query_bn: bool = False
     """Whether ``algorithm.query_bn`` decides how its query set is batch-normalised (then named in eval.json)."""
+    optimizee_tasks: bool = False
+    """Whether its tasks are optimizee trajectories (``data.dataset`` one of tasks/optimizees.py's families:
+    quadratic, mlp) instead of few-shot episodes; they run one at a time (a trajectory is batched over coordinates)."""
+    serve: Callable[[Any], Any] | None = None
+    """What MLflow logs for serving, made from the trained network (l2l_gd: the optimizer as one packed tensor-in,
+    tensor-out step); None: the network itself."""
     builder: ModelBuilder | None = None
     """How its network is built on image data (a function of its module, see :data:`ModelBuilder`); None: the
     classifier of the gradient learners, Conv4 ``data.ways`` wide. The sinusoid MLP (``mlp``) needs no builder.
-    Images reach the builder square unless ``sequence_episodes`` (sequence models read each image flattened)."""
+    Images reach the builder square unless ``sequence_episodes`` (sequence models read each image flattened); with
+    ``optimizee_tasks`` the shape is None."""
 
     def forbids(self, setting: str) -> bool:
         """Whether ``setting: true`` is rejected for this algorithm."""

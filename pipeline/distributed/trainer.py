@@ -24,7 +24,7 @@ import numpy as np
 
 from metatrain.pipeline.config import Config
 from metatrain.pipeline.distributed.engine import ActorLost, Engine, EngineError, WeightsLost
-from metatrain.pipeline.scores import task_metric
+from metatrain.pipeline.scores import higher_is_better, task_metric
 
 
 def _mean_metrics(metas: list[dict]) -> dict[str, float]:
@@ -79,9 +79,11 @@ class Trainer:
         rows = self.engine.evaluate(ref, "val", 0, self.cfg.train.val_tasks)  # the same val tasks every time
         key = task_metric(rows)
         value = float(np.mean([r[key] for r in rows]))
-        score = value if key == "query_acc" else -value
-        name = "val/acc" if key == "query_acc" else "val/mse"
-        metrics = {name: value, "val/loss": float(np.mean([r["query_loss"] for r in rows]))}
+        score = value if higher_is_better(key) else -value
+        name = {"query_acc": "val/acc", "final_loss": "val/final_loss"}.get(key, "val/mse")
+        # val/loss is logged at every validation (a resumed run finds its last one by it).
+        loss = "query_loss" if "query_loss" in rows[0] else key
+        metrics = {name: value, "val/loss": float(np.mean([r[loss] for r in rows]))}
         # Sequence models (MANN): accuracy by instance, inst1_acc .. instK_acc.
         metrics |= {f"val/{k}": float(np.mean([r[k] for r in rows])) for k in rows[0] if k.startswith("inst")}
         if step > self.validated_through:  # not a validation redone after a parameter-server restart

@@ -136,6 +136,9 @@ def predict(state: dict, support: str | Path, query: str | Path, invert: bool | 
             ) -> list[Prediction]:
     """Predictions for every query image, from a checkpoint ``state`` (see module docstring)."""
     cfg = config_from_dict(state["config"])
+    if cfg.algorithm.record.predict == "none":
+        raise PredictError(f"{cfg.algorithm.name} learns an optimizer, not a classifier: there is nothing to "
+                           f"predict; use it as metatrain.pipeline.learned_optimizer.LearnedOptimizer(params, run=...)")
     from metatrain.pipeline.components import image_shape
 
     try:

@@ -180,7 +180,8 @@ def retrain(config: str, name: str, *, budget_steps: int | None = None, override
     rows = pq.read_table(Path(out) / "eval_tasks.parquet").to_pylist()
     key = task_metric(rows)
     if key != "query_acc":
-        raise RetrainError("retrain compares accuracies; this config's task has none (regression)")
+        raise RetrainError("retrain compares accuracies; this config's task has none (a regression or a learned "
+                           "optimizer)")
     challenger_acc = np.array([r[key] for r in rows])
     champion_acc = None
     if champion is not None:

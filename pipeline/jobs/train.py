@@ -18,6 +18,7 @@ The MLflow run ends FINISHED, FAILED (an exception) or KILLED (Ctrl-C); never RU
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -48,7 +49,7 @@ from metatrain.pipeline.distributed.engine import Engine, EngineError, check_res
 from metatrain.pipeline.distributed.trainer import Trainer
 from metatrain.pipeline.distributed.worker import TaskWorkerCore
 from metatrain.pipeline.figures import instance_accuracy_figure, learning_curve_figure
-from metatrain.pipeline.scores import ci95, task_metric
+from metatrain.pipeline.scores import ci95, metric_label, task_metric
 from metatrain.pipeline.tracking import (
     RunTracker,
     TrackingError,
@@ -123,9 +124,10 @@ def summarize(rows: list[dict], cfg: Config, split: str, extra: dict | None = No
     values = np.array([r[key] for r in rows], dtype=np.float64)
     n = len(values)
     ci = ci95(values)
+    label = metric_label(key)
     out = {
-        "metric": "accuracy" if key == "query_acc" else "mse",
-        ("accuracy" if key == "query_acc" else "mse"): float(values.mean()),
+        "metric": label,
+        label: float(values.mean()),
         "ci95": float(ci),
         "tasks": n,
         "split": split,
@@ -146,6 +148,15 @@ def summarize(rows: list[dict], cfg: Config, split: str, extra: dict | None = No
             v = np.array([r[f"inst{k}_acc"] for r in rows], dtype=np.float64)
             out["instance_accuracy"][str(k)] = float(v.mean())
             out["instance_ci95"][str(k)] = ci95(v)
+    elif cfg.algorithm.record.optimizee_tasks:
+        # The optimizee's loss after `steps` learned updates (eval_loss: all of an MLP's examples), as the bench's.
+        a, mean = cfg.algorithm, float(values.mean())
+        held_out = split if cfg.optimizee.source == "omniglot" and cfg.data.optimizee_family == "mlp" else "test"
+        out.update(ways=None, shots=None, queries=None, inner_steps=None, steps=a.unroll, split=held_out,
+                   optimizee=cfg.data.optimizee_family, log10_final_loss=math.log10(mean) if mean > 0 else None,
+                   initial_loss=float(np.mean([r["initial_loss"] for r in rows])))
+        if "final_acc" in rows[0]:
+            out["final_acc"] = float(np.mean([r["final_acc"] for r in rows]))
     elif not cfg.algorithm.record.adapts_weights:
         out["inner_steps"] = None  # the memory or the embedding of the support set adapts, not the weights
     if cfg.algorithm.record.reads_query_bn:
@@ -171,6 +182,10 @@ def describe(summary: dict) -> str:
         return (f"{summary['ways']}-class sequence accuracy by instance {per} (all steps "
                 f"{100 * summary['accuracy']:.2f}% ± {100 * summary['ci95']:.2f}%, {summary['tasks']} episodes of "
                 f"{summary['split']})")
+    if summary["metric"] == "final_loss":
+        return (f"{summary['optimizee']} optimizees: loss after {summary['steps']} learned steps "
+                f"{summary['final_loss']:.4g} ± {summary['ci95']:.2g} (95% CI, {summary['tasks']} tasks of "
+                f"{summary['split']}; log10 {summary['log10_final_loss']:.3f}; from {summary['initial_loss']:.4g})")
     if summary["metric"] == "accuracy":
         return (f"{summary['ways']}-way {summary['shots']}-shot accuracy {100 * summary['accuracy']:.2f}% "
                 f"± {100 * summary['ci95']:.2f}% (95% CI, {summary['tasks']} tasks of {summary['split']})")
@@ -357,6 +372,8 @@ def train(config_path: str | None, overrides: list[str] = (), *, out: str | None
                 tracker.log_figure(fig, "instance_accuracy.png")
                 fig.savefig(out_dir / "instance_accuracy.png", dpi=100)
             model = model_from_checkpoint(cfg, load_checkpoint(final))
+            if cfg.algorithm.record.serve is not None:  # what serving takes (l2l_gd: one packed optimizer step)
+                model = cfg.algorithm.record.serve(model)
             # An input example makes MLflow save the model as pt2 (torch.export): loading it runs no pickle.
             example = example_input(cfg).numpy()
             model_uri = tracker.log_model(model, registered_name=cfg.tracking.register, input_example=example)

@@ -11,31 +11,60 @@ theta_t is in the graph (its meta-gradient flows through theta_t), and its gradi
 same graph and detached. The unroll of ``unroll`` steps is cut every ``truncation`` steps (truncated BPTT: theta and
 the LSTM state are detached at the window's start, so memory stays at one window's).
 
-Through the parameter server, one slot is one optimizee trajectory: the worker unrolls it with the optimizer weights
-of the current version and returns the SUM of its windows' meta-gradients, all taken at those weights
-(``per_window=False``). The paper instead applies an Adam step after every window, so later windows of a
-trajectory see updated weights; ``train_in_process(..., per_window=True)`` does that, and bench/learned_optimizer.py
-trains both ways on the same optimizees and reports both.
+Through the parameter server (``algorithm.name: l2l_gd``), one slot is one optimizee trajectory: the worker unrolls
+it with the optimizer weights of the current version and returns the SUM of its windows' meta-gradients, all taken
+at those weights (``per_window=False``); the server averages the trajectories of a step and takes one Adam step. The
+paper instead applies an Adam step after every window, so later windows of a trajectory see updated weights;
+``train_in_process(..., per_window=True)`` does that, and bench/learned_optimizer.py trains both ways on the same
+optimizees and reports both. The network of the run is the optimizer itself (``model.name: coordinate_lstm``, its
+weights the meta-parameters under their module names); ``evaluate`` runs it ``unroll`` steps on a held-out
+optimizee and reports the final loss. A trained run is used through :class:`pipeline.learned_optimizer.
+LearnedOptimizer` (``run=`` or ``model=``); MLflow serves one packed step (:class:`~models.PackedOptimizerStep`).
 
     >>> from metatrain.tasks.optimizees import QuadraticSampler
     >>> opt = CoordinateLSTM(hidden=20, layers=2)          # the computation; its weights come from a dict
     >>> phi = fresh_weights(opt, seed=0)
     >>> grads, metrics = trajectory_gradient(phi, QuadraticSampler(seed=0).task(0, 0), opt, unroll=100, truncation=20)
+    >>> grads, metrics = meta_gradient(phi, QuadraticSampler(seed=0).task(0, 0), AlgorithmConfig(name="l2l_gd"), opt)
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
-from metatrain.models import CoordinateLSTM, ParamLayout
+from metatrain.models import CoordinateLSTM, PackedOptimizerStep, ParamLayout
 from metatrain.models.learned_optimizer import LSTMState
+from torch import nn
 from torch.func import functional_call
 
+from metatrain.pipeline.algorithms.config import AlgorithmConfig
 from metatrain.pipeline.algorithms.errors import AlgorithmConfigError
+from metatrain.pipeline.algorithms.record import AlgorithmRecord
+
+if TYPE_CHECKING:
+    from metatrain.pipeline.config import Config
 
 Params = dict[str, torch.Tensor]
+
+
+def build_optimizer(cfg: Config, shape: None) -> CoordinateLSTM:  # noqa: ARG001 - the builders' signature
+    """The run's network: the coordinate-wise LSTM (``lstm_layers`` x ``lstm_hidden``, ``lstm_p``, ``output_scale``)."""
+    a = cfg.algorithm
+    return CoordinateLSTM(hidden=a.lstm_hidden, layers=a.lstm_layers, output_scale=a.output_scale, p=a.lstm_p)
+
+
+RECORD = AlgorithmRecord(name="l2l_gd", family="learned", models=("coordinate_lstm",), predict="none",
+                         adapts_weights=False, metrics=("meta_loss", "loss_first", "loss_last"),
+                         shape_fields=("lstm_hidden", "lstm_layers"), optimizee_tasks=True,
+                         serve=PackedOptimizerStep, builder=build_optimizer,
+                         forbidden=(("first_order", "l2l_gd is first-order by construction (the optimizee's "
+                                                    "gradients are inputs); leave first_order unset"),
+                                    ("multi_step_loss", "l2l_gd's meta-loss is already the sum over the unroll"),
+                                    ("per_step_bn", "l2l_gd's optimizer has no batch norm")))
+NAME = RECORD.name
 
 
 def check_unroll(unroll: int, truncation: int) -> None:
@@ -71,6 +100,15 @@ def check_weights(phi: Mapping[str, torch.Tensor], opt: CoordinateLSTM, source: 
                                    f"{want.get(k, 'nothing')})")
 
 
+def _start(phi: Params, task, opt: CoordinateLSTM) -> tuple[torch.Tensor, ParamLayout, LSTMState]:
+    """(theta_0 flat, on the optimizer's device, its layout, the LSTM's zero state)."""
+    device = next(iter(phi.values())).device
+    start = {k: v.detach().to(device, torch.float32) for k, v in task.init_params().items()}
+    layout = ParamLayout.of(start)
+    theta = layout.flatten(start)
+    return theta, layout, opt.init_state(layout.numel, device=device, dtype=theta.dtype)
+
+
 def _step(opt: CoordinateLSTM, phi: Params, task, layout: ParamLayout, theta: torch.Tensor, state: LSTMState,
           t: int, differentiable: bool) -> tuple[torch.Tensor, LSTMState, torch.Tensor]:
     """One optimizer step: (theta_{t+1}, state, loss at theta_t) with the loss in the graph iff differentiable."""
@@ -94,10 +132,7 @@ def trajectory_gradient(phi: Params, task, opt: CoordinateLSTM, *, unroll: int, 
     """
     check_unroll(unroll, truncation)
     check_weights(phi, opt)
-    start = {k: v.detach().float() for k, v in task.init_params().items()}
-    layout = ParamLayout.of(start)
-    theta = layout.flatten(start)
-    state = opt.init_state(layout.numel, device=theta.device, dtype=theta.dtype)
+    theta, layout, state = _start(phi, task, opt)
     total = {k: torch.zeros_like(v) for k, v in phi.items()}
     losses: list[float] = []
     names = list(phi)
@@ -132,10 +167,7 @@ def optimize(phi: Params, task, opt: CoordinateLSTM, steps: int) -> tuple[list[f
     its final parameters.
     """
     check_weights(phi, opt)
-    start = {k: v.detach().float() for k, v in task.init_params().items()}
-    layout = ParamLayout.of(start)
-    theta = layout.flatten(start)
-    state = opt.init_state(layout.numel, device=theta.device, dtype=theta.dtype)
+    theta, layout, state = _start(phi, task, opt)
     curve = []
     for t in range(steps):
         with torch.no_grad():
@@ -189,3 +221,51 @@ def train_in_process(phi: Params, tasks: Iterable, opt: CoordinateLSTM, *, unrol
 def log10(x: float) -> float:
     """log10 of a loss, -inf at exactly 0 (a quadratic can reach it), for the bench's tables."""
     return math.log10(x) if x > 0 else float("-inf")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The uniform algorithm interface (pipeline.algorithms): a task is one optimizee, the params are the optimizer's
+# --------------------------------------------------------------------------------------------------------------
+
+def init_extra_params(model: nn.Module, cfg: AlgorithmConfig) -> Params:  # noqa: ARG001 - uniform interface
+    """None: the optimizer's weights are the network's own parameters."""
+    return {}
+
+
+def _weights(params: Params) -> Params:
+    return {k: v.detach() for k, v in params.items()}
+
+
+def adapt(params: Params, support, cfg: AlgorithmConfig, model: nn.Module, *, steps: int | None = None,
+          create_graph: bool = False, batched: bool = False) -> Params:
+    """The optimizee's parameters after ``steps`` (default ``unroll``) learned updates (``support`` is the task)."""
+    if create_graph or batched:
+        raise AlgorithmConfigError("l2l_gd adapts one optimizee at a time, without a meta-gradient graph "
+                                   "(meta_gradient differentiates its unroll)")
+    return optimize(_weights(params), support, model, cfg.unroll if steps is None else steps)[1]
+
+
+def meta_gradient(params: Params, task, cfg: AlgorithmConfig, model: nn.Module) -> tuple[Params, dict]:
+    """The trajectory's meta-gradient (its truncation windows summed, all at ``params``) and its losses."""
+    return trajectory_gradient(_weights(params), task, model, unroll=cfg.unroll, truncation=cfg.truncation)
+
+
+def meta_gradient_batched(params: Params, stacked, cfg: AlgorithmConfig, model: nn.Module,
+                          keys: Sequence | None = None) -> tuple[Params, dict]:
+    """Not offered: optimizees do not stack (the record's ``optimizee_tasks`` keeps the workers on the loop)."""
+    raise AlgorithmConfigError("task_batching: l2l_gd runs one optimizee at a time (each is already batched over "
+                               "its coordinates); use loop or auto")
+
+
+def evaluate(params: Params, task, cfg: AlgorithmConfig, model: nn.Module, *, steps: int | None = None,
+             batched: bool = False, keys: Sequence | None = None) -> dict:
+    """Run the optimizer ``steps`` (default ``unroll``) steps on the optimizee; its losses (``eval_loss``: the whole
+    training set for an MLP) at the start and the end, their log10, and the mean over the curve."""
+    if batched:
+        raise AlgorithmConfigError("task_batching: l2l_gd evaluates one optimizee at a time")
+    curve, final = optimize(_weights(params), task, model, cfg.unroll if steps is None else steps)
+    out = {"initial_loss": curve[0], "final_loss": curve[-1], "log10_final_loss": log10(curve[-1]),
+           "mean_loss": sum(curve) / len(curve)}
+    if hasattr(task, "accuracy"):  # a classifier optimizee: how well the optimized MLP classifies its examples
+        out["final_acc"] = task.accuracy(final)
+    return out
