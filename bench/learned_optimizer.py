@@ -3,6 +3,7 @@
     python bench/learned_optimizer.py                          # quadratics and the digits MLP, both training modes
     python bench/learned_optimizer.py --families quadratic --train-tasks 600 --heldout 100
     python bench/learned_optimizer.py --families quadratic --equal-updates   # both modes with as many Adam steps
+    python bench/learned_optimizer.py --server-steps 300      # and trained through `metatrain train` (Ray, the server)
 
 For each optimizee family (``quadratic``: ||W theta - y||^2, 10-d; ``mlp``: one hidden layer of 20 sigmoid units on
 scikit-learn's 8x8 digits, minibatches of 128):
@@ -10,6 +11,9 @@ scikit-learn's 8x8 digits, minibatches of 128):
 1. The coordinate-wise LSTM (2 x 20) is trained with Adam on --train-tasks training optimizees (seed 0), unrolls of
    100 steps cut every 20, twice: ``per-trajectory`` (the sum of a trajectory's window gradients, one Adam step per
    trajectory: what the parameter server applies) and ``per-window`` (the paper's Adam step after every window).
+   With --server-steps N also a third time, through the pipeline: ``metatrain train configs/<family>_l2l_gd.yaml``
+   (quadratic_l2l_gd, digits_l2l_gd) for N steps on local Ray, two workers each unrolling one trajectory per step
+   and the parameter server averaging them (so 2N trajectories, N Adam steps), at the same Adam rate.
 2. Each baseline's learning rate is tuned on a log grid on --tune-tasks training optimizees (mean final loss after
    100 steps; NAG is SGD with Nesterov momentum 0.9).
 3. Everything runs on the same --heldout optimizees (seed 1): mean final loss after 100 and 200 steps (and its
@@ -24,6 +28,7 @@ import math
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,6 +40,10 @@ from metatrain.models import CoordinateLSTM  # noqa: E402
 from metatrain.tasks.optimizees import make_optimizee_sampler  # noqa: E402
 
 from metatrain.pipeline.algorithms.learned import l2l_gd  # noqa: E402
+from metatrain.pipeline.jobs.train import train as pipeline_train  # noqa: E402
+
+#: The pipeline config of each family (--server-steps).
+CONFIGS = {"quadratic": "configs/quadratic_l2l_gd.yaml", "mlp": "configs/digits_l2l_gd.yaml"}
 
 BASELINES = {
     "SGD": lambda p, lr: torch.optim.SGD(p, lr=lr),
@@ -91,6 +100,18 @@ def family_sampler(family: str, seed: int, **options):
     return make_optimizee_sampler(family, seed=seed, **options)
 
 
+def server_trained(family: str, steps: int, lr: float) -> tuple[dict, float, int]:
+    """(weights, seconds, trajectories) of the family's config trained through the whole pipeline."""
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="l2l-server-") as tmp:
+        result = pipeline_train(CONFIGS[family], [f"train.steps={steps}", f"optim.lr={lr}", "train.val_every=0",
+                                                  "train.eval_tasks=10", "tracking.system_metrics=false"],
+                                out=f"{tmp}/run", tracking_uri=f"sqlite:///{tmp}/mlflow.db", quiet=True)
+        state = torch.load(result.out_dir / "checkpoints" / "final.pt", weights_only=True)
+        config = state["config"]
+    return dict(state["params"]), time.time() - t0, steps * config["train"]["meta_batch"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--families", default="quadratic,mlp")
@@ -100,6 +121,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3, help="Adam's rate for the optimizer's weights")
     ap.add_argument("--out", default="bench/learned_optimizer")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--server-steps", type=int, default=0,
+                    help="also train through metatrain train (local Ray, 2 workers, the parameter server) this many "
+                         "steps")
     ap.add_argument("--equal-updates", action="store_true",
                     help="per-trajectory mode trains on 5x the optimizees (unroll / truncation): as many Adam steps "
                          "as per-window")
@@ -122,6 +146,9 @@ def main() -> None:
                                                  unroll=100, truncation=20, lr=args.lr, per_window=per_window)
             trained[mode] = (weights, time.time() - t0, n)
             torch.save(weights, out / f"{family}-{mode}.pt")
+        if args.server_steps:
+            trained["parameter server"] = server_trained(family, args.server_steps, args.lr)
+            torch.save(trained["parameter server"][0], out / f"{family}-parameter-server.pt")
         cases = MLP_CASES if family == "mlp" else {family: {}}
         for case, options in cases.items():
             heldout = [family_sampler(family, 1, **options).task(0, s) for s in range(args.heldout)]

@@ -184,7 +184,12 @@ def test_l2l_gd_trains_through_metatrain_train_and_is_used_as_an_optimizer(tmp_p
     assert main(["predict", "--run", run_id, "--tracking-uri", uri, "--support", str(tmp_path),
                  "--query", str(tmp_path), "--json", str(preds)]) == 2
     assert "l2l_gd learns an optimizer, not a classifier" in capsys.readouterr().err and not preds.exists()
-    # a checkpoint of another shape: refused with one line
+    # a checkpoint of another shape: refused with one line, by the CLI and by LearnedOptimizer
+    capsys.readouterr()
+    assert main(["eval", "--run", run_id, "--tracking-uri", uri, "--tasks", "3", "--out", str(tmp_path / "ev2"),
+                 "--set", "algorithm.lstm_hidden=10"]) == 2
+    assert "was written for a different model or config" in capsys.readouterr().err
+    assert not (tmp_path / "ev2").exists()
     with pytest.raises(Exception, match="not the weights of a 2-layer, 8-unit"):
         LearnedOptimizer(torch.nn.Linear(2, 2).parameters(), weights=state["params"], hidden=8)
 
