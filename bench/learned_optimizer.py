@@ -13,7 +13,9 @@ scikit-learn's 8x8 digits, minibatches of 128):
    trajectory: what the parameter server applies) and ``per-window`` (the paper's Adam step after every window).
    With --server-steps N also a third time, through the pipeline: ``metatrain train configs/<family>_l2l_gd.yaml``
    (quadratic_l2l_gd, digits_l2l_gd) for N steps on local Ray, two workers each unrolling one trajectory per step
-   and the parameter server averaging them (so 2N trajectories, N Adam steps), at the same Adam rate.
+   and the parameter server averaging them (so 2N trajectories, N Adam steps), at the same Adam rate; and again with
+   ``algorithm.server_update: window`` for 5N steps (the paper's update after every window through the server:
+   the same 2N trajectories, one window of each per step).
 2. Each baseline's learning rate is tuned on a log grid on --tune-tasks training optimizees (mean final loss after
    100 steps; NAG is SGD with Nesterov momentum 0.9).
 3. Everything runs on the same --heldout optimizees (seed 1): mean final loss after 100 and 200 steps (and its
@@ -100,16 +102,18 @@ def family_sampler(family: str, seed: int, **options):
     return make_optimizee_sampler(family, seed=seed, **options)
 
 
-def server_trained(family: str, steps: int, lr: float) -> tuple[dict, float, int]:
+def server_trained(family: str, steps: int, lr: float, update: str) -> tuple[dict, float, int]:
     """(weights, seconds, trajectories) of the family's config trained through the whole pipeline."""
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="l2l-server-") as tmp:
         result = pipeline_train(CONFIGS[family], [f"train.steps={steps}", f"optim.lr={lr}", "train.val_every=0",
-                                                  "train.eval_tasks=10", "tracking.system_metrics=false"],
+                                                  "train.eval_tasks=10", "tracking.system_metrics=false",
+                                                  f"algorithm.server_update={update}"],
                                 out=f"{tmp}/run", tracking_uri=f"sqlite:///{tmp}/mlflow.db", quiet=True)
         state = torch.load(result.out_dir / "checkpoints" / "final.pt", weights_only=True)
         config = state["config"]
-    return dict(state["params"]), time.time() - t0, steps * config["train"]["meta_batch"]
+    per = 100 // 20 if update == "window" else 1  # steps per trajectory
+    return dict(state["params"]), time.time() - t0, steps * config["train"]["meta_batch"] // per
 
 
 def main() -> None:
@@ -147,8 +151,10 @@ def main() -> None:
             trained[mode] = (weights, time.time() - t0, n)
             torch.save(weights, out / f"{family}-{mode}.pt")
         if args.server_steps:
-            trained["parameter server"] = server_trained(family, args.server_steps, args.lr)
-            torch.save(trained["parameter server"][0], out / f"{family}-parameter-server.pt")
+            for mode, update, steps in (("parameter server", "trajectory", args.server_steps),
+                                        ("parameter server, per window", "window", args.server_steps * 100 // 20)):
+                trained[mode] = server_trained(family, steps, args.lr, update)
+                torch.save(trained[mode][0], out / f"{family}-{mode.replace(', ', '-').replace(' ', '-')}.pt")
         cases = MLP_CASES if family == "mlp" else {family: {}}
         for case, options in cases.items():
             heldout = [family_sampler(family, 1, **options).task(0, s) for s in range(args.heldout)]

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from metatrain.models import Conv4, FewShotModel, SinusoidMLP
 from metatrain.tasks.errors import DataError
-from metatrain.tasks.optimizees import make_optimizee_sampler
+from metatrain.tasks.optimizees import WindowedSampler, make_optimizee_sampler
 from metatrain.tasks.samplers import EpisodeSampler, SequenceEpisodeSampler, SinusoidSampler
 from metatrain.tasks.store import TaskStore, read_manifest
 
@@ -42,8 +42,12 @@ def build_sampler(cfg: Config, store: TaskStore | None, split: str):
     if d.optimizee_family:
         # Held-out optimizees are other draws (seeds apart from the training ones; val and test apart too).
         offset = {"train": 0, "val": 1_000_003, "test": 2_000_003}[split]
-        return make_optimizee_sampler(d.optimizee_family, seed=seed + offset,
-                                      **cfg.optimizee.sampler_options(d.optimizee_family, d, split))
+        sampler = make_optimizee_sampler(d.optimizee_family, seed=seed + offset,
+                                         **cfg.optimizee.sampler_options(d.optimizee_family, d, split))
+        a = cfg.algorithm
+        if split == "train" and a.server_update == "window":  # evaluation unrolls whole trajectories
+            return WindowedSampler(sampler, -(-a.unroll // a.truncation))  # windows per trajectory
+        return sampler
     name = {"train": d.train_split, "val": d.val_split, "test": d.test_split}[split]
     rotations = None if d.rotations == "auto" else d.rotations == "on"
     if split != "train" and d.rotations == "on":

@@ -514,6 +514,37 @@ class MLPSampler:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Windows of trajectories (a learned optimizer updated after every truncation window, through a server)
+# --------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class OptimizeeWindow:
+    """Window ``window`` of the trajectory on ``task``: what one step of per-window training differentiates."""
+
+    task: QuadraticTask | MLPTask
+    window: int
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        return self.task.key
+
+    def to(self, device: torch.device | str) -> OptimizeeWindow:
+        return OptimizeeWindow(self.task.to(device), self.window)
+
+
+class WindowedSampler:
+    """Consecutive steps walk the windows of one trajectory: step s is window ``s % windows`` of the optimizee
+    ``sampler.task(s // windows, slot)``, so each trajectory is unrolled across ``windows`` steps."""
+
+    def __init__(self, sampler: QuadraticSampler | MLPSampler, windows: int):
+        self.sampler, self.windows = sampler, _positive_int("windows", windows)
+        self.seed = sampler.seed
+
+    def episode(self, step: int, slot: int) -> OptimizeeWindow:
+        return OptimizeeWindow(self.sampler.task(step // self.windows, slot), step % self.windows)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------------------------
 

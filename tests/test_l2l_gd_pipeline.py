@@ -203,3 +203,24 @@ def test_l2l_gd_trains_on_digits_mlps_through_metatrain_train(tmp_path, capsys):
                  *[a for q in QUICK for a in ("--set", q)]]) == 0 or pytest.fail(capsys.readouterr().err)
     summary = json.loads((out / "eval.json").read_text())
     assert summary["optimizee"] == "mlp" and 0 <= summary["final_acc"] <= 1 and summary["initial_loss"] > 0
+
+
+def test_server_update_window_is_the_per_window_gradient_of_the_replayed_trajectory():
+    """server_update: window -- step s is window s % W of trajectory s // W; its gradient equals the in-process
+    per-window gradient of that window when the weights did not change in between (replay = the same unroll)."""
+    cfg = load_config("configs/quadratic_l2l_gd.yaml", [*QUICK, "algorithm.server_update=window"])
+    model = build_model(cfg, None)
+    params = initial_params(cfg, model)
+    sampler = build_sampler(cfg, None, "train")
+    plain = build_sampler(load_config("configs/quadratic_l2l_gd.yaml", QUICK), None, "train")
+    seen = []
+    l2l_gd.trajectory_gradient(params, plain.task(3, 0), model, unroll=10, truncation=5, per_window=seen.append)
+    for step, window in ((6, 0), (7, 1)):  # trajectory 3, both its windows
+        item = sampler.episode(step, 0)
+        assert item.window == window and item.key == (0, 3, 0)
+        grads, _ = l2l_gd.meta_gradient(params, item, cfg.algorithm, model)
+        for k in params:
+            torch.testing.assert_close(grads[k], seen[window][k])
+    assert not isinstance(build_sampler(cfg, None, "test"), type(sampler))  # evaluation unrolls whole trajectories
+    with pytest.raises(ConfigError, match=r"^algorithm.server_update: unknown 'windows'"):
+        load_config("configs/quadratic_l2l_gd.yaml", ["algorithm.server_update=windows"])

@@ -28,6 +28,7 @@ REPTILE_OPTIMIZERS = ("sgd", "adam")
 METASGD_LRS = ("per_param", "per_layer_step")
 TASK_BATCHING = ("auto", "loop", "batched")
 QUERY_BN = ("support", "batch")
+SERVER_UPDATES = ("trajectory", "window")
 
 
 def unknown_name(field: str, value: object, known: tuple[str, ...]) -> AlgorithmConfigError:
@@ -97,6 +98,9 @@ class AlgorithmConfig:
     """l2l_gd: optimizee steps of one trajectory at meta-training, and of every evaluation (the paper: 100)."""
     truncation: int = 20
     """l2l_gd: truncated BPTT: the trajectory's graph is cut every this many steps (the paper: 20; <= unroll)."""
+    server_update: str = "trajectory"
+    """l2l_gd: what one server step applies: 'trajectory' (a slot's windows summed) or 'window' (the paper's update
+    after every window: a trajectory spans unroll / truncation steps, each replayed up to its window)."""
     support_batch: int = 0
     """meta_lstm: support examples per update, taken in turn in an order fixed by the episode key (the paper's
     5-shot batches); 0 = the whole support set at every update (its 1-shot setting)."""
@@ -162,6 +166,8 @@ class AlgorithmConfig:
         if self.unroll < self.truncation:
             raise AlgorithmConfigError(f"unroll: {self.unroll} steps is shorter than its truncation window of "
                                        f"{self.truncation} (algorithm.truncation)")
+        if self.server_update not in SERVER_UPDATES:
+            raise unknown_name("server_update", self.server_update, SERVER_UPDATES)
         if self.query_bn not in QUERY_BN:
             raise unknown_name("query_bn", self.query_bn, QUERY_BN)
         if self.task_batching not in TASK_BATCHING:

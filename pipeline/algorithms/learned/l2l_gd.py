@@ -13,10 +13,15 @@ the LSTM state are detached at the window's start, so memory stays at one window
 
 Through the parameter server (``algorithm.name: l2l_gd``), one slot is one optimizee trajectory: the worker unrolls
 it with the optimizer weights of the current version and returns the SUM of its windows' meta-gradients, all taken
-at those weights (``per_window=False``); the server averages the trajectories of a step and takes one Adam step. The
-paper instead applies an Adam step after every window, so later windows of a trajectory see updated weights;
-``train_in_process(..., per_window=True)`` does that, and bench/learned_optimizer.py trains both ways on the same
-optimizees and reports both. The network of the run is the optimizer itself (``model.name: coordinate_lstm``, its
+at those weights (``server_update: trajectory``); the server averages the trajectories of a step and takes one Adam
+step. The paper instead applies an Adam step after every window, so later windows of a trajectory see updated
+weights; ``train_in_process(..., per_window=True)`` does that in one process. ``server_update: window`` is that
+through the server: a trajectory spans as many consecutive steps as it has windows, and at each step the worker
+replays the trajectory up to the step's window with the current weights (no graph) and returns that window's
+gradient, so a task stays a pure function of (seed, step, slot) and the weights (any worker recomputes a lost
+slot), at the cost of the replay; where the paper's window k starts from the state earlier weights left, here it
+starts from the state the current weights reach. bench/learned_optimizer.py trains every way on the same
+optimizees and reports them. The network of the run is the optimizer itself (``model.name: coordinate_lstm``, its
 weights the meta-parameters under their module names); ``evaluate`` runs it ``unroll`` steps on a held-out
 optimizee and reports the final loss. A trained run is used through :class:`pipeline.learned_optimizer.
 LearnedOptimizer` (``run=`` or ``model=``); MLflow serves one packed step (:class:`~models.PackedOptimizerStep`).
@@ -121,22 +126,39 @@ def _step(opt: CoordinateLSTM, phi: Params, task, layout: ParamLayout, theta: to
     return theta + update, state, loss
 
 
+def windows(unroll: int, truncation: int) -> int:
+    """Truncation windows of an unroll (the last one may be shorter)."""
+    return -(-unroll // truncation)
+
+
 def trajectory_gradient(phi: Params, task, opt: CoordinateLSTM, *, unroll: int, truncation: int,
-                        per_window: Callable[[Params], None] | None = None) -> tuple[Params, dict]:
+                        per_window: Callable[[Params], None] | None = None, only_window: int | None = None
+                        ) -> tuple[Params, dict]:
     """Meta-gradient of one optimizee trajectory: the sum over its truncation windows of d(sum of losses)/d phi.
 
     ``per_window(grads)``, when given, is called after each window with that window's gradient and may update
     ``phi`` in place (the paper's update after every window); the returned sum is then for reference only.
+    ``only_window=k``: the gradient of window k alone, the steps before it replayed with ``phi`` and no graph (the
+    server's per-window mode: a pure function of the task and the weights, so any worker recomputes it).
     Metrics: ``loss_first``, ``loss_last`` (the optimizee's loss at the first and the last step), ``meta_loss``
-    (the mean loss over the unroll).
+    (the mean loss over the steps differentiated).
     """
     check_unroll(unroll, truncation)
     check_weights(phi, opt)
+    count = windows(unroll, truncation)
+    if only_window is not None and not 0 <= only_window < count:
+        raise AlgorithmConfigError(f"only_window: {only_window} is not one of the {count} windows of this unroll")
     theta, layout, state = _start(phi, task, opt)
     total = {k: torch.zeros_like(v) for k, v in phi.items()}
     losses: list[float] = []
     names = list(phi)
-    for begin in range(0, unroll, truncation):
+    for index, begin in enumerate(range(0, unroll, truncation)):
+        if only_window is not None and index != only_window:
+            if index > only_window:
+                break
+            for t in range(begin, begin + truncation):  # replay: where this optimizer takes theta by window k
+                theta, state, _ = _step(opt, phi, task, layout, theta.detach(), state, t, differentiable=False)
+            continue
         leaves = {k: phi[k].detach().requires_grad_(True) for k in names}
         theta, state = theta.detach(), state.detach()  # the truncation: no gradient into earlier windows
         window = torch.zeros((), dtype=theta.dtype, device=theta.device)
@@ -246,8 +268,11 @@ def adapt(params: Params, support, cfg: AlgorithmConfig, model: nn.Module, *, st
 
 
 def meta_gradient(params: Params, task, cfg: AlgorithmConfig, model: nn.Module) -> tuple[Params, dict]:
-    """The trajectory's meta-gradient (its truncation windows summed, all at ``params``) and its losses."""
-    return trajectory_gradient(_weights(params), task, model, unroll=cfg.unroll, truncation=cfg.truncation)
+    """The trajectory's meta-gradient (its truncation windows summed, all at ``params``) and its losses; for an
+    :class:`~tasks.optimizees.OptimizeeWindow` (``server_update: window``) that window's alone."""
+    window = getattr(task, "window", None)
+    return trajectory_gradient(_weights(params), getattr(task, "task", task), model, unroll=cfg.unroll,
+                               truncation=cfg.truncation, only_window=window)
 
 
 def meta_gradient_batched(params: Params, stacked, cfg: AlgorithmConfig, model: nn.Module,
