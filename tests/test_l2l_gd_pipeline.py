@@ -45,7 +45,7 @@ def test_the_record_says_what_l2l_gd_is():
 
 
 def test_the_interface_is_the_trajectory_gradient_and_the_learned_optimize():
-    cfg = load_config("configs/quadratic_l2l_gd.yaml", QUICK)
+    cfg = load_config("configs/quadratic_l2l_gd.yaml", [*QUICK, "algorithm.server_update=trajectory"])
     model = build_model(cfg, None)
     params = initial_params(cfg, model)
     sampler = build_sampler(cfg, None, "train")
@@ -212,7 +212,8 @@ def test_server_update_window_is_the_per_window_gradient_of_the_replayed_traject
     model = build_model(cfg, None)
     params = initial_params(cfg, model)
     sampler = build_sampler(cfg, None, "train")
-    plain = build_sampler(load_config("configs/quadratic_l2l_gd.yaml", QUICK), None, "train")
+    plain = build_sampler(load_config("configs/quadratic_l2l_gd.yaml", [*QUICK, "algorithm.server_update=trajectory"]),
+                          None, "train")
     seen = []
     l2l_gd.trajectory_gradient(params, plain.task(3, 0), model, unroll=10, truncation=5, per_window=seen.append)
     for step, window in ((6, 0), (7, 1)):  # trajectory 3, both its windows
