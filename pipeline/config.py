@@ -346,6 +346,9 @@ class Config:
                      f"{self.data.dataset!r}")
             _require(self.algorithm.task_batching != "batched", "algorithm.task_batching",
                      f"must be loop or auto for {algo} (optimizees run one at a time), got 'batched'")
+            _require(self.algorithm.server_update != "window" or self.train.mode == "sync", "algorithm.server_update",
+                     "window needs train.mode: sync (a trajectory's windows are consecutive steps; async steps "
+                     "are submissions)")
         elif family is not None:
             _require(False, "algorithm.name", f"{algo} learns from few-shot episodes; data.dataset={family} is an "
                      f"optimizee family (for the learned optimizer l2l_gd)")

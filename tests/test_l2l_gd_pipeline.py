@@ -68,7 +68,7 @@ def test_the_interface_is_the_trajectory_gradient_and_the_learned_optimize():
 
 def test_the_mlp_family_reads_the_optimizee_section():
     cfg = load_config("configs/digits_l2l_gd.yaml", ["optimizee.hidden=[40]", "optimizee.activation=relu",
-                                                     "optimizee.batch_size=64"])
+                                                     "optimizee.batch_size=64", "algorithm.server_update=trajectory"])
     sampler = build_sampler(cfg, None, "train")
     assert isinstance(sampler, MLPSampler) and (sampler.hidden, sampler.activation, sampler.batch_size) == \
         ((40,), "relu", 64)
@@ -90,6 +90,7 @@ def test_the_mlp_family_reads_the_optimizee_section():
     (["model.name=conv4"], "model.name must be 'coordinate_lstm' for algorithm.name=l2l_gd, got 'conv4'"),
     (["algorithm.task_batching=batched"], "algorithm.task_batching must be loop or auto for l2l_gd"),
     (["algorithm.first_order=true"], "algorithm.first_order: l2l_gd is first-order by construction"),
+    (["train.mode=async"], "algorithm.server_update window needs train.mode: sync"),
 ])
 def test_bad_l2l_gd_configs_name_the_field(overrides, message):
     with pytest.raises(ConfigError) as err:
