@@ -24,6 +24,7 @@ from metatrain.models import CoordinateLSTM
 from metatrain.models.learned_optimizer import LSTMState
 
 from metatrain.pipeline.algorithms.errors import AlgorithmConfigError
+from metatrain.pipeline.algorithms.learned.l2l_gd import NAME as L2L_GD
 from metatrain.pipeline.algorithms.learned.l2l_gd import check_weights
 
 
@@ -51,7 +52,7 @@ def _resolve(weights, run: str | None, model: str | None, tracking_uri: str | No
 
     state, where = checkpoint_of(run, model, tracking_uri)
     algorithm = state.get("config", {}).get("algorithm", {})
-    if algorithm.get("name") != "l2l_gd":
+    if algorithm.get("name") != L2L_GD:
         raise AlgorithmConfigError(f"{'run' if run else 'model'}: {where} trained {algorithm.get('name')!r}, not "
                                    f"the learned optimizer l2l_gd")
     return dict(state["params"]), where, algorithm
