@@ -134,6 +134,20 @@ def test_the_packed_step_is_one_optimizer_step():
     torch.testing.assert_close(packed(torch.cat([grad2.unsqueeze(1), out[:, 1:]], dim=1))[:, 0], update2)
 
 
+def test_a_run_of_another_algorithm_is_not_an_optimizer(monkeypatch):
+    # the checkpoint a fomaml run stores (its config names the algorithm), as checkpoint_of hands it over
+    import metatrain.pipeline.jobs.train as train_job
+    state = {"params": {"w": torch.zeros(3)}, "config": {"algorithm": {"name": "fomaml"}}}
+    monkeypatch.setattr(train_job, "checkpoint_of", lambda run, model, uri: (state, run or model))
+    net = torch.nn.Linear(2, 2)
+    with pytest.raises(Exception, match="run: abc trained 'fomaml', not the learned optimizer l2l_gd"):
+        LearnedOptimizer(net.parameters(), run="abc")
+    with pytest.raises(Exception, match="model: models:/protos/1 trained 'fomaml'"):
+        LearnedOptimizer(net.parameters(), model="models:/protos/1")
+    with pytest.raises(Exception, match="give exactly one of weights=, run=, model= \\(got run, model\\)"):
+        LearnedOptimizer(net.parameters(), run="abc", model="models:/protos/1")
+
+
 @pytest.mark.usefixtures("ray_module", "no_env_tracking")
 def test_l2l_gd_trains_through_metatrain_train_and_is_used_as_an_optimizer(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path}/mlflow.db"

@@ -11,6 +11,7 @@ import struct
 import numpy as np
 import pytest
 import torch
+from metatrain.tasks.digit_images import load_digits_data, load_mnist, read_idx
 from metatrain.tasks.errors import DataError, EpisodeError
 from metatrain.tasks.optimizees import (
     OPTIMIZEE_FAMILIES,
@@ -19,10 +20,7 @@ from metatrain.tasks.optimizees import (
     QuadraticSampler,
     QuadraticTask,
     _example_part,
-    load_digits_data,
-    load_mnist,
     make_optimizee_sampler,
-    read_idx,
 )
 from metatrain.tasks.sources import iter_omniglot, omniglot_inputs, unit_pixels
 from metatrain.tasks.store import TaskStore, write_store
