@@ -81,17 +81,24 @@ def _add_eval(sub) -> None:
     p.add_argument("--tasks", type=int, default=None, help="test episodes (default: the run's train.eval_tasks)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", default=None, help="folder for eval.json and eval_tasks.parquet")
+    _add_checkpoint(p)
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+
+
+def _add_checkpoint(p) -> None:
+    p.add_argument("--checkpoint", default=None, choices=("final", "best", "latest"),
+                   help="with --run: which of its checkpoints (default final; an unfinished run has none)")
 
 
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="adapt a trained model to your labelled support images and label your queries")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", default=None, help="registered model, models:/NAME@ALIAS or models:/NAME/VERSION")
-    src.add_argument("--run", default=None, help="a run id (its final checkpoint)")
+    src.add_argument("--run", default=None, help="a run id (its final checkpoint unless --checkpoint)")
     p.add_argument("--support", required=True, help="folder with one sub-folder of images per class")
     p.add_argument("--query", required=True, help="folder of images to label")
     p.add_argument("--json", default=None, help="also write the predictions to this JSON file")
+    _add_checkpoint(p)
     p.add_argument("--invert", choices=("auto", "yes", "no"), default="auto",
                    help="invert pixels to ink-high: auto = as the training store did (Omniglot: yes)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI)")
@@ -200,7 +207,7 @@ def cmd_eval(args) -> int:
     from metatrain.pipeline.jobs.train import evaluate
 
     evaluate(args.run, args.model, tasks=args.tasks, overrides=args.overrides, out=args.out,
-             tracking_uri=args.tracking_uri)
+             tracking_uri=args.tracking_uri, checkpoint=args.checkpoint)
     return 0
 
 
@@ -212,7 +219,8 @@ def cmd_predict(args) -> int:
     uri = explicit_tracking_uri(args.tracking_uri)
     if args.model and not uri:
         raise RunError("--model needs the registry: pass --tracking-uri or set MLFLOW_TRACKING_URI")
-    state, what = checkpoint_of(args.run, args.model, uri)
+    state, what = checkpoint_of(args.run, args.model, uri, args.checkpoint)
+    print(f"checkpoint: {what}, step {state['step']}", file=sys.stderr)
     invert = None if args.invert == "auto" else args.invert == "yes"
     predictions = predict(state, args.support, args.query, invert=invert)
     width = max(len(p.file) for p in predictions)

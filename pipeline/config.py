@@ -15,12 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from metatrain.tasks.optimizees import ACTIVATIONS, MLP_SOURCES, OPTIMIZEE_FAMILIES
 
 from metatrain.pipeline.algorithms import algorithm_names, get_record
 from metatrain.pipeline.algorithms.config import AlgorithmConfig
-from metatrain.pipeline.config_parsing import ConfigError, apply_overrides, build
+from metatrain.pipeline.config_parsing import ConfigError, apply_overrides, build, read_yaml
 
 
 def _one_of(names: tuple[str, ...]) -> str:
@@ -386,14 +385,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     data: Any = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            at = f" at line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"config file {p} is not valid YAML{at}") from None
+        data = read_yaml(p) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(data).__name__}")
     return build(Config, apply_overrides(data, list(overrides)))

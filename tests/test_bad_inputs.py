@@ -12,6 +12,7 @@ same as before, the run is still FINISHED, no MLflow run was left RUNNING, and a
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import shutil
 from collections.abc import Callable
@@ -87,6 +88,11 @@ def _pickled_checkpoints(ctx: dict) -> None:
                                          "params": _Touch(ctx["MARKER"])}, f))
 
 
+def _drop_final(f: Path) -> None:
+    if f.name == "final.pt":
+        f.unlink()
+
+
 def _truncated_checkpoints(ctx: dict) -> None:
     _copy_run(ctx, lambda f: f.write_bytes(f.read_bytes()[:100]))
 
@@ -94,6 +100,10 @@ def _truncated_checkpoints(ctx: dict) -> None:
 def _missing_support(ctx: dict) -> None:
     (ctx["TMP"] / "query").mkdir(exist_ok=True)
 
+
+# Nine levels of nine aliases: 9**9 values once expanded, from 395 bytes.
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi")) + "data: {path: *i}\n"
 
 TRAIN = ("train", "--set", "data.path=STORE", "--set", "data.train_split=background", "--set",
          "data.val_split=evaluation", "--set", "data.ways=3", "--set", "model.hidden=8", "--set", "train.steps=2",
@@ -135,6 +145,16 @@ CASES = [
          r"config file .*bad.yaml is not valid YAML at line \d+", _write("bad.yaml", "train:\n  steps: [3\n")),
     Case("config-not-mapping", "config file", "a YAML list instead of sections", ("train", "LIST_YAML", "--out", "OUT"),
          r"config file .*list.yaml must hold a mapping of sections, got list", _write("list.yaml", "- a\n- b\n")),
+    Case("config-duplicate-key", "config file", "a key given twice in one mapping",
+         ("train", "TWICE_YAML", "--out", "OUT"),
+         r"config file .*twice.yaml is not valid YAML at line 3: key 'steps' given twice \(first at line 2\)",
+         _write("twice.yaml", "train:\n  steps: 3\n  steps: 5\n")),
+    Case("config-alias-bomb", "config file", "nested aliases that expand to 387 million values (395 bytes)",
+         ("train", "BOMB_YAML", "--out", "OUT"), r"bomb.yaml is not valid YAML at line \d+: its aliases expand to "
+         r"more than 100,000 values", _write("bomb.yaml", ALIAS_BOMB)),
+    Case("set-huge-value", "config field", "a 60,000-character value for a float",
+         (*TRAIN, "--set", "optim.lr=" + "9x" * 30_000), r"^metatrain: error: optim.lr must be float, got '9x9x.{0,80}"
+         r"' \(str\)$"),
     Case("data-missing", "data file", "no prepared store at data.path", (*TRAIN, "--set", "data.path=/nonexistent"),
          r"data.path: no prepared store at /nonexistent; make it with `metatrain prepare omniglot --source DIR "
          r"--out /nonexistent`"),
@@ -169,6 +189,30 @@ CASES = [
          (*TRAIN, "--set", "workers.gpus=1"), r"workers.gpus = 1 x 2 workers needs 2 GPUs; the Ray cluster has 0"),
     Case("eval-bad-model-uri", "CLI flag", "--model that is not a registry URI", ("eval", "--model", "runs:/abc"),
          r"--model must look like models:/NAME@ALIAS"),
+    Case("eval-out-of-a-run", "CLI flag", "eval --out into a training run's folder (its eval.json is the run's)",
+         ("eval", "--run", "RUN", "--tracking-uri", "sqlite:///RUNDIR/mlflow.db", "--tasks", "2", "--out", "RUNDIR"),
+         r"--out .*run is a training run's folder; its eval.json and eval_tasks.parquet are that run's"),
+    Case("eval-out-is-a-store", "CLI flag", "eval --out into a prepared task store",
+         ("eval", "--run", "RUN", "--tracking-uri", "sqlite:///RUNDIR/mlflow.db", "--tasks", "2", "--out", "STORE"),
+         r"--out .*store holds a prepared task store \(manifest.json\)"),
+    Case("train-out-is-a-file", "CLI flag", "train --out naming a file", (*TRAIN[:-3], "--out", "OUT_TXT", "--quiet"),
+         r"--out .*out.txt is a file; give a folder", _write("out.txt", "not a folder\n")),
+    Case("eval-unfinished-run", "checkpoint", "eval --run of a run with no final checkpoint (killed, failed)",
+         ("eval", "--run", "RUN", "--tracking-uri", "sqlite:///RUNCOPY/mlflow.db", "--out", "OUT"),
+         r"--run \w+ has not finished: no final checkpoint in .*runcopy/checkpoints; pass --checkpoint latest "
+         r"\(newest: ckpt-00000003.pt\) or --checkpoint best", lambda ctx: _copy_run(ctx, _drop_final)),
+    Case("retrain-bad-model-name", "CLI flag", "retrain --model with a name the registry refuses",
+         ("retrain", "configs/omniglot_fomaml_5w1s.yaml", "--model", "team/omniglot", "--tracking-uri",
+          "sqlite:///RUNDIR/mlflow.db", "--out", "OUT", "--set", "data.path=STORE"),
+         r"--model 'team/omniglot': the model registry refuses this name"),
+    Case("retrain-no-accuracy", "config file", "retrain of a task without accuracies (sinusoid regression)",
+         ("retrain", "configs/sinusoid_maml.yaml", "--model", "sine", "--tracking-uri", "sqlite:///RUNDIR/mlflow.db",
+          "--out", "OUT"), r"retrain compares accuracies; the task of configs/sinusoid_maml.yaml "
+                           r"\(data.dataset=sinusoid\) has none"),
+    Case("study-twin-cells", "config file", "a study whose cells list one cell twice",
+         ("study", "TWINS_YAML", "--out", "OUT"), r"study file .*twins.yaml: cells 1 and 2 are the same cell "
+                                                  r"\{'shots': 1\}",
+         _write("twins.yaml", "config: configs/omniglot_fomaml_5w1s.yaml\ncells:\n  - {shots: 1}\n  - {shots: 1}\n")),
     Case("eval-unknown-run", "CLI flag", "--run of a run that does not exist",
          ("eval", "--run", "abc", "--tracking-uri", "sqlite:///RUNDIR/mlflow.db"), r"--run abc: no such metatrain run"),
     Case("predict-missing-support", "data file", "a --support folder that does not exist",
@@ -317,3 +361,21 @@ def test_a_bad_gradient_is_rejected_counted_and_not_applied():
     assert not out["applied"] and out["rejected"] == ["worker 1, step 1: w has non-finite values"]
     assert ps.version == 0 and ps.counters["rejected"] == 1 and torch.equal(ps.get_weights()[1]["w"], torch.zeros(3))
 
+
+
+def test_an_unfinished_run_is_used_when_asked_and_the_checkpoint_is_named(trained, tmp_path, capsys):
+    ctx = dict(trained, TMP=tmp_path)
+    _copy_run(ctx, _drop_final)
+    uri = f"sqlite:///{ctx['RUNCOPY']}/mlflow.db"
+    for which, name in (("latest", "ckpt-00000003.pt"), ("best", "best.pt")):
+        assert main(["eval", "--run", trained["RUN"], "--tracking-uri", uri, "--checkpoint", which, "--tasks", "2",
+                     "--out", str(tmp_path / which)]) == 0
+        used = f"checkpoint: run {trained['RUN']} ({ctx['RUNCOPY']}/checkpoints/{name}), step "
+        assert used in capsys.readouterr().out
+        assert json.loads((tmp_path / which / "eval.json").read_text())["tasks"] == 2
+    # The same evaluation again into its own folder replaces it; another run's evaluation there is refused.
+    assert main(["eval", "--run", trained["RUN"], "--tracking-uri", uri, "--checkpoint", "best", "--tasks", "2",
+                 "--out", str(tmp_path / "best")]) == 0
+    assert main(["eval", "--run", trained["RUN"], "--tracking-uri", uri, "--checkpoint", "latest", "--tasks", "2",
+                 "--out", str(tmp_path / "best")]) == 2
+    assert "holds the evaluation of run" in capsys.readouterr().err

@@ -84,6 +84,28 @@ def test_two_retrains_at_once_never_both_promote(tmp_path):
     assert str(client.get_model_version_by_alias("race", PREVIOUS).version) == "1"
 
 
+@pytest.mark.parametrize("config, name, message", [
+    ("configs/omniglot_fomaml_5w1s.yaml", "team/omniglot", r"--model 'team/omniglot': the model registry refuses "
+                                                           r"this name \(.*cannot contain '/'"),
+    ("configs/sinusoid_maml.yaml", "sine", r"retrain compares accuracies; the task of configs/sinusoid_maml.yaml "
+                                           r"\(data.dataset=sinusoid\) has none"),
+    ("configs/quadratic_l2l_gd.yaml", "quad", r"\(data.dataset=quadratic\) has none"),
+])
+def test_retrain_refuses_before_training(config, name, message, tmp_path):
+    """What would fail after training and a 600-task evaluation fails first, and writes nothing."""
+    import time
+
+    uri = f"sqlite:///{tmp_path}/registry.db"
+    start = time.monotonic()
+    with pytest.raises(RetrainError, match=message):
+        retrain(config, name, budget_steps=2, tracking_uri=uri, out=str(tmp_path / "run"))
+    assert time.monotonic() - start < 5
+    assert not (tmp_path / "run").exists()
+    client = MlflowClient(tracking_uri=uri)
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+    assert client.search_registered_models() == []
+
+
 def test_retrain_promotes_then_compares_on_the_same_tasks_and_predict_uses_the_champion(
         omniglot_store, omniglot_dir, tmp_path, capsys):
     uri = f"sqlite:///{tmp_path}/registry.db"

@@ -67,6 +67,9 @@ def test_study_runs_cells_in_parallel_nests_them_and_resumes(ray_module, omniglo
     ({"config": FOMAML, "grid": {"shots": [1]}, "colour": 1}, "unknown key 'colour'"),
     ({"grid": {"algorithm": ["nope"]}}, "config configs/omniglot_nope_5w1s.yaml"),
     ({"config": FOMAML, "grid": {"shots": [0]}}, "data.shots"),
+    ({"config": FOMAML, "cells": [{"shots": 1}, {"ways": 5}, {"shots": 1}]},
+     "cells 1 and 3 are the same cell {'shots': 1}"),
+    ({"config": FOMAML, "grid": {"shots": [1, 1]}}, "cells 1 and 2 are the same cell {'shots': 1}"),
 ])
 def test_bad_study_files_are_named(tmp_path, body, message):
     with pytest.raises(StudyError, match=re.escape(message)):

@@ -35,7 +35,8 @@ import numpy as np
 from filelock import FileLock, Timeout
 from metatrain.tasks.errors import MetatrainError
 
-from metatrain.pipeline.scores import ci95, task_metric
+from metatrain.pipeline.config_parsing import read_yaml
+from metatrain.pipeline.scores import ci95
 from metatrain.pipeline.tracking import explicit_tracking_uri
 
 CHAMPION, PREVIOUS = "champion", "previous"
@@ -151,23 +152,35 @@ def retrain(config: str, name: str, *, budget_steps: int | None = None, override
         raise RetrainError(f"--budget-steps must be >= 1, got {budget_steps}")
     if margin is not None and (not math.isfinite(margin) or margin < 0):
         raise RetrainError(f"--margin must be a finite number >= 0, got {margin}")
+    from metatrain.pipeline.config import load_config
+
+    extra = list(overrides) + ([f"train.steps={budget_steps}"] if budget_steps else [])
+    cfg = load_config(config, extra)
+    # Everything that would fail after the training is checked before it: the comparison needs accuracies ...
+    if not cfg.data.has_images:
+        raise RetrainError(f"retrain compares accuracies; the task of {config} (data.dataset={cfg.data.dataset}) "
+                           "has none (a regression or a learned optimizer)")
+    if cfg.train.eval_tasks < MIN_EVAL_TASKS:
+        raise RetrainError(f"train.eval_tasks must be >= {MIN_EVAL_TASKS} for a retrain: the promotion decision "
+                           f"compares accuracies measured on that many tasks")
     client = MlflowClient(tracking_uri=uri)
-    try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        champion = None
+    champion = None  # no such model yet, or no @champion: the challenger trains from scratch
+    try:  # ... and the registry must take the name (it refuses '/' and ':', say)
+        client.get_registered_model(name)
+    except MlflowException as e:
+        if e.error_code == "INVALID_PARAMETER_VALUE":
+            raise RetrainError(f"--model {name!r}: the model registry refuses this name ({e.message})") from None
+    else:
+        try:
+            champion = client.get_model_version_by_alias(name, CHAMPION)
+        except MlflowException:  # an unknown alias: RESOURCE_DOES_NOT_EXIST from SQLite, INVALID_PARAMETER... by REST
+            pass
     warm = None
     if champion is not None:
         # This version exactly, even if the alias moves meanwhile (the promotion step checks that it did not).
         state, what = checkpoint_of(None, f"models:/{name}/{champion.version}", uri)
         warm = ({k: v for k, v in state["params"].items()}, f"{name} v{champion.version} (@{CHAMPION})")
     champion_version = None if champion is None else str(champion.version)
-    extra = list(overrides) + ([f"train.steps={budget_steps}"] if budget_steps else [])
-    from metatrain.pipeline.config import load_config
-
-    if load_config(config, extra).train.eval_tasks < MIN_EVAL_TASKS:
-        raise RetrainError(f"train.eval_tasks must be >= {MIN_EVAL_TASKS} for a retrain: the promotion decision "
-                           f"compares accuracies measured on that many tasks")
     out = out or str(Path("runs") / time.strftime(f"retrain-{name}-%Y%m%d-%H%M%S"))
     result = train(config, extra, out=out, tracking_uri=uri, register=name, warm_start=warm, quiet=quiet,
                    ray_address=ray_address)
@@ -178,17 +191,14 @@ def retrain(config: str, name: str, *, budget_steps: int | None = None, override
     import pyarrow.parquet as pq
 
     rows = pq.read_table(Path(out) / "eval_tasks.parquet").to_pylist()
-    key = task_metric(rows)
-    if key != "query_acc":
-        raise RetrainError("retrain compares accuracies; this config's task has none (a regression or a learned "
-                           "optimizer)")
+    key = "query_acc"  # an image task's (checked before training)
     challenger_acc = np.array([r[key] for r in rows])
     champion_acc = None
     if champion is not None:
         # The champion on exactly the challenger's test tasks: same config (data, eval seed), same slots.
         from metatrain.pipeline.config import config_from_dict
 
-        cfg = config_from_dict(yaml_config(Path(out) / "config.yaml"))
+        cfg = config_from_dict(yaml_config(Path(out) / "config.yaml"))  # as the run resolved it
         core = TaskWorkerCore(cfg)
         champ_rows = core.evaluate(state["params"], "test", 0, [r["slot"] for r in rows])
         champion_acc = np.array([r[key] for r in champ_rows])
@@ -208,6 +218,4 @@ def retrain(config: str, name: str, *, budget_steps: int | None = None, override
 
 
 def yaml_config(path: Path) -> dict:
-    import yaml
-
-    return yaml.safe_load(path.read_text())
+    return read_yaml(path, "run config", RetrainError)

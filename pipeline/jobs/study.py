@@ -31,8 +31,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-import yaml
 from metatrain.tasks.errors import MetatrainError, did_you_mean
+
+from metatrain.pipeline.config_parsing import read_yaml
 
 AXES = ("algorithm", "ways", "shots", "queries", "rotations", "train_split", "test_split", "inner_steps",
         "eval_inner_steps")
@@ -77,12 +78,7 @@ def load_study(path: str | Path) -> Study:
     from metatrain.pipeline.config import load_config
 
     path = Path(path)
-    if not path.is_file():
-        raise StudyError(f"study file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError:
-        raise _err(path, "is not valid YAML") from None
+    data = read_yaml(path, "study file", StudyError) or {}
     if not isinstance(data, dict):
         raise _err(path, "must be a mapping")
     for key in data:
@@ -134,7 +130,12 @@ def load_study(path: str | Path) -> Study:
             load_config(config, overrides)
         except MetatrainError as e:
             raise _err(path, f"cell {combo}: {e}") from None
-        cells.append(Cell(dict(combo), config, tuple(overrides)))
+        cell = Cell(dict(combo), config, tuple(overrides))
+        twin = next((i for i, c in enumerate(cells) if c.id == cell.id or (c.config, c.overrides) == (config,
+                                                                                                 cell.overrides)), None)
+        if twin is not None:  # one output folder and one MLflow run for two cells: both would train into it
+            raise _err(path, f"cells {twin + 1} and {len(cells) + 1} are the same cell {combo} (id {cell.id})")
+        cells.append(cell)
     return Study(name, tuple(cells), parallel, path)
 
 

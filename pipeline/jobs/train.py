@@ -33,6 +33,7 @@ import torch
 import yaml
 from metatrain.tasks.atomic import atomic_path
 from metatrain.tasks.errors import MetatrainError
+from metatrain.tasks.store import MANIFEST
 
 from metatrain.pipeline.checkpoint import latest_checkpoint, load_checkpoint, load_latest, save_checkpoint
 from metatrain.pipeline.components import (
@@ -252,9 +253,26 @@ def _sigterm_as_interrupt():
     return lambda: signal.signal(signal.SIGTERM, previous)
 
 
-def _check_out_dir(out: Path, resuming: bool) -> None:
+def _check_out_dir(out: Path, resuming: bool = False, evaluating: str | None = None) -> None:
+    """Refuse an --out that is a file, holds a task store, or holds another run's checkpoints (training) or
+    results (``evaluating``: the source of the evaluation about to be written, which may replace its own)."""
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file; give a folder (created if missing)")
+    if (out / MANIFEST).is_file():
+        raise RunError(f"--out {out} holds a prepared task store ({MANIFEST}); choose another folder")
     ckpt = out / "checkpoints"
-    if not resuming and ckpt.is_dir() and latest_checkpoint(ckpt) is not None:
+    if evaluating is not None:
+        if ckpt.is_dir():
+            raise RunError(f"--out {out} is a training run's folder; its eval.json and eval_tasks.parquet are that "
+                           "run's: choose a new --out for this evaluation")
+        try:
+            source = json.loads((out / "eval.json").read_text()).get("source") if (out / "eval.json").exists() \
+                else evaluating
+        except (OSError, ValueError, AttributeError):
+            source = "an unreadable eval.json"
+        if source != evaluating:
+            raise RunError(f"--out {out} holds the evaluation of {source}; choose a new --out for this one")
+    elif not resuming and ckpt.is_dir() and latest_checkpoint(ckpt) is not None:
         raise RunError(f"--out {out} already holds checkpoints of another run; pass --resume RUN_ID to continue it "
                        f"or choose a new --out")
 
@@ -405,18 +423,34 @@ def model_from_checkpoint(cfg: Config, state: dict) -> torch.nn.Module:
     return model
 
 
-def checkpoint_of(run: str | None, model_uri: str | None, tracking_uri: str | None) -> tuple[dict, str]:
-    """(checkpoint state, description) of ``--run RUN_ID`` or ``--model models:/NAME@ALIAS`` (or /VERSION)."""
+CHECKPOINTS = ("final", "best", "latest")
+
+
+def checkpoint_of(run: str | None, model_uri: str | None, tracking_uri: str | None,
+                  which: str | None = None) -> tuple[dict, str]:
+    """(checkpoint state, description naming the file) of ``--run RUN_ID`` or ``--model models:/NAME@ALIAS`` (or
+    /VERSION). A run's ``final`` checkpoint unless ``which`` asks for its ``best`` or ``latest`` (periodic) one: an
+    unfinished run (RUNNING, FAILED, KILLED) has no final one and is refused unless asked."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    if which is not None and which not in CHECKPOINTS:
+        raise RunError(f"--checkpoint must be one of {', '.join(CHECKPOINTS)}, got {which!r}")
     if run:
         out_dir, _ = _find_run_out(run, tracking_uri, "--run")
         ckpt_dir = out_dir / "checkpoints"
-        path = ckpt_dir / "final.pt" if (ckpt_dir / "final.pt").is_file() else latest_checkpoint(ckpt_dir)
-        if path is None:
-            raise RunError(f"--run {run}: no checkpoint in {ckpt_dir}")
+        latest = latest_checkpoint(ckpt_dir) if ckpt_dir.is_dir() else None
+        path = {"final": ckpt_dir / "final.pt", "best": ckpt_dir / "best.pt",
+                "latest": latest or ckpt_dir / "final.pt"}[which or "final"]
+        if not path.is_file():
+            if which is None:
+                newest = f" (newest: {latest.name})" if latest else ""
+                raise RunError(f"--run {run} has not finished: no final checkpoint in {ckpt_dir}; pass --checkpoint "
+                               f"latest{newest} or --checkpoint best to use an unfinished run's weights")
+            raise RunError(f"--run {run}: no {which} checkpoint in {ckpt_dir}")
         return load_checkpoint(path), f"run {run} ({path})"
+    if which is not None:
+        raise RunError("--checkpoint applies to --run; a registered model is its run's final checkpoint")
     if not model_uri or not model_uri.startswith("models:/"):
         raise RunError(f"--model must look like models:/NAME@ALIAS or models:/NAME/VERSION, got {model_uri!r}")
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -439,7 +473,8 @@ def checkpoint_of(run: str | None, model_uri: str | None, tracking_uri: str | No
 
 
 def evaluate(run: str | None = None, model_uri: str | None = None, *, tasks: int | None = None,
-             overrides: list[str] = (), out: str | None = None, tracking_uri: str | None = None) -> dict:
+             overrides: list[str] = (), out: str | None = None, tracking_uri: str | None = None,
+             checkpoint: str | None = None) -> dict:
     """Evaluate a run's final checkpoint (or a registered model) on test episodes; write eval.json and Parquet."""
     if bool(run) == bool(model_uri):
         raise RunError("pass exactly one of --run RUN_ID or --model models:/NAME@ALIAS")
@@ -448,7 +483,8 @@ def evaluate(run: str | None = None, model_uri: str | None = None, *, tasks: int
     uri = explicit_tracking_uri(tracking_uri)
     if model_uri and not uri:
         raise RunError("--model needs the registry: pass --tracking-uri or set MLFLOW_TRACKING_URI")
-    state, what = checkpoint_of(run, model_uri, uri)
+    state, what = checkpoint_of(run, model_uri, uri, checkpoint)
+    print(f"checkpoint: {what}, step {state['step']}")
     try:
         base = config_from_dict(state["config"])
     except ConfigError as e:
@@ -467,9 +503,10 @@ def evaluate(run: str | None = None, model_uri: str | None = None, *, tasks: int
     if state.get("fingerprint") and state["fingerprint"] != expected:
         raise RunError(f"{what}: checkpoint was written for a different model or config (fingerprint "
                        f"{state['fingerprint']} != {expected}); --set may not change the model or ways")
+    out_dir = Path(out) if out else Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")
+    _check_out_dir(out_dir, evaluating=what)
     rows = core.evaluate(state["params"], "test", 0, range(cfg.train.eval_tasks))
     summary = summarize(rows, cfg, cfg.data.test_split, {"step": state["step"], "source": what})
-    out_dir = Path(out) if out else Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")
     write_eval(out_dir, summary, rows)
     print(describe(summary))
     print(f"wrote {out_dir}/eval.json and {out_dir}/eval_tasks.parquet")
