@@ -10,14 +10,17 @@
     metatrain study studies/omniglot_shots_ways.yaml [--parallel 2]
 
 Every user-facing failure is a ``MetatrainError``: printed as one line ``metatrain: error: ...`` with exit code 2.
-Anything else is a bug and keeps its traceback.
+An ``OSError`` (disk full, permission denied; also from inside a Ray actor) is one such line with its path and what
+to do, exit code 1. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
+from pathlib import Path
 
 from metatrain.tasks.errors import MetatrainError
 
@@ -219,6 +222,8 @@ def cmd_predict(args) -> int:
     uri = explicit_tracking_uri(args.tracking_uri)
     if args.model and not uri:
         raise RunError("--model needs the registry: pass --tracking-uri or set MLFLOW_TRACKING_URI")
+    if args.json:
+        _check_json_out(Path(args.json), Path(args.support), Path(args.query))
     state, what = checkpoint_of(args.run, args.model, uri, args.checkpoint)
     print(f"checkpoint: {what}, step {state['step']}", file=sys.stderr)
     invert = None if args.invert == "auto" else args.invert == "yes"
@@ -230,6 +235,17 @@ def cmd_predict(args) -> int:
         write_predictions(predictions, args.json)
         print(f"wrote {len(predictions)} predictions of {what} to {args.json}", file=sys.stderr)
     return 0
+
+
+def _check_json_out(path: Path, *inputs: Path) -> None:
+    """--json must be a file we may write, outside the task it labels (the next predict would read it)."""
+    if path.is_dir():
+        raise CliError(f"--json {path} is a folder; give a file name")
+    for folder in inputs:
+        if path.resolve().is_relative_to(folder.resolve()):
+            raise CliError(f"--json {path} lies inside {folder}, the task it labels; write it elsewhere")
+    if not path.parent.is_dir():
+        raise CliError(f"--json {path}: folder {path.parent} does not exist")
 
 
 def cmd_retrain(args) -> int:
@@ -255,6 +271,27 @@ COMMANDS = {"prepare": cmd_prepare, "sample": cmd_sample, "train": cmd_train, "e
             "predict": cmd_predict, "retrain": cmd_retrain, "study": cmd_study}
 
 
+# What to do about the I/O errors a user can fix (disk full, permissions, a path of the wrong kind).
+_IO_ADVICE = {errno.ENOSPC: "the disk is full: free space there or pass another --out",
+              errno.EDQUOT: "the disk quota is used up: free space there or pass another --out",
+              errno.EACCES: "check its permissions or pass another path",
+              errno.EPERM: "check its permissions or pass another path",
+              errno.EROFS: "the file system is read-only: pass another path",
+              errno.ENOTDIR: "a part of that path is a file, not a folder",
+              errno.EISDIR: "that is a folder where a file is needed",
+              errno.ENOENT: "it does not exist"}
+
+
+def io_error_line(e: OSError) -> str:
+    """One line for an OSError: the path, the system's reason and what to do. A Ray task's error (the parameter
+    server's checkpoint on a full disk) is its worker's OSError, traceback and all, in ``.cause``."""
+    e = e.cause if isinstance(getattr(e, "cause", None), OSError) else e
+    path = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None) or "(no path)"
+    reason = e.strerror or " ".join(str(e).split())[:200]
+    advice = _IO_ADVICE.get(e.errno)
+    return f"{path}: {reason}" + (f"; {advice}" if advice else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -262,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     except MetatrainError as e:
         print(f"metatrain: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the machine's fault, not the input's: exit 1
+        print(f"metatrain: error: {io_error_line(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("metatrain: interrupted", file=sys.stderr)
         return 130

@@ -35,9 +35,15 @@ class PrepareResult:
     """Why it was (re)built, or why not."""
 
 
+MAX_SIZE = 1024  # pixels a side; few-shot benchmarks use 28 to 105 (Omniglot), 84 (mini-ImageNet)
+
+
 def _check_size(size: int, channels: int = 1) -> None:
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise MetatrainError(f"--size must be a positive integer, got {size!r}")
+    if size > MAX_SIZE:
+        raise MetatrainError(f"--size must be at most {MAX_SIZE} (every image is stored at size x size: "
+                             f"{size} x {size} is {size * size * channels / 2**20:.0f} MiB an image), got {size}")
     if channels not in (1, 3):
         raise MetatrainError(f"--channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
 
@@ -64,11 +70,20 @@ def _prepare(out: Path, wanted: dict, build: Callable[[], dict]) -> PrepareResul
     return PrepareResult(out, build(), True, reason)
 
 
+def _check_outside(out: Path, source: Path) -> None:
+    """A store inside its own source would be read as part of the source by the next prepare (and change its
+    checksum); the source inside the store would be deleted when the store is replaced."""
+    o, src = out.resolve(), source.resolve()
+    if o == src or o.is_relative_to(src) or src.is_relative_to(o):
+        raise DataError(f"--out {out} and --source {source} overlap; write the store outside the source folder")
+
+
 def prepare_omniglot(source: str | Path, out: str | Path, size: int = 28,
                      progress: Callable[[int], None] | None = None) -> PrepareResult:
     """Build (or confirm) the Omniglot store at ``out`` from the two archives (or unpacked folders) in ``source``."""
     _check_size(size)
     source, out = Path(source), Path(out)
+    _check_outside(out, source)
     inputs = omniglot_inputs(source)
     sources = {p.name: (sha256_file(p) if p.is_file() else sha256_tree(p)) for p in inputs.values()}
     wanted = {"dataset": "omniglot", "image_shape": [1, size, size], "sources": sources}
@@ -92,6 +107,7 @@ def prepare_imagefolder(source: str | Path, out: str | Path, size: int = 28, cha
     source, out = Path(source), Path(out)
     if not source.is_dir():
         raise DataError(f"image folder {source} does not exist")
+    _check_outside(out, source)
     sources = {source.name: sha256_tree(source)}
     wanted = {"dataset": "imagefolder", "image_shape": [channels, size, size], "sources": sources}
 

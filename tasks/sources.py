@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import warnings
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -132,6 +133,29 @@ def _has_images(folder: Path) -> bool:
     return any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir())
 
 
+def class_folders(root: Path) -> list[Path]:
+    """The class folders of ``root`` (sorted; hidden ones skipped). A file beside them is refused, not skipped."""
+    if stray := sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")):
+        raise DataError(f"{stray[0]} lies outside the class folders of {root}: move it into its class's folder or "
+                        "out of there")
+    return _class_dirs(root)
+
+
+def image_files(folder: Path, recursive: bool) -> list[Path]:
+    """The images of ``folder`` (of its sub-folders too if ``recursive``), sorted. Every other entry is refused
+    rather than skipped, so no file the user put there is silently left out; hidden names (``.DS_Store``) are
+    skipped."""
+    entries = sorted(p for p in (folder.rglob("*") if recursive else folder.iterdir())
+                     if not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    for p in entries:
+        if p.is_dir() and not recursive:
+            raise DataError(f"class folder {folder} holds a sub-folder {p.name}: a class's images sit directly in "
+                            "its folder (move them up, or make the sub-folder a class of its own)")
+        if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES:
+            raise DataError(f"{p} is not an image ({', '.join(IMAGE_SUFFIXES)}); move it out of the task's folders")
+    return [p for p in entries if p.is_file()]
+
+
 def imagefolder_partitions(source: Path, split: str) -> list[tuple[str, Path]]:
     """(partition, class-folder root) pairs: ``source`` itself as ``split``, or, when every sub-folder of ``source``
     holds only class folders (the train/ val/ test/ layout mini-ImageNet is shipped in), one partition per
@@ -149,8 +173,8 @@ def iter_imagefolder(source: Path, split: str) -> Iterator[RawClass]:
     """Yield one class per sub-folder of ``source`` (sorted), with every image file inside it (sorted); a folder of
     split folders (see :func:`imagefolder_partitions`) yields each split's classes in its own partition."""
     for part, root in imagefolder_partitions(source, split):
-        for d in _class_dirs(root):
-            files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        for d in class_folders(root):
+            files = image_files(d, recursive=False)
             if not files:
                 raise DataError(f"class folder {d} holds no images ({', '.join(IMAGE_SUFFIXES)})")
             yield RawClass(part, "", d.name, tuple(p.relative_to(source).as_posix() for p in files),
@@ -187,8 +211,14 @@ def decode_class(raw: RawClass, size: int, channels: int, invert: bool) -> torch
     decoded = []
     for member, blob in zip(raw.members, raw.blobs):
         try:
-            with Image.open(io.BytesIO(blob)) as im:
-                decoded.append(TF.pil_to_tensor(im.convert(mode)))
+            with warnings.catch_warnings():
+                # PIL only warns between MAX_IMAGE_PIXELS and twice that, then decodes it all: refuse it instead.
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(blob)) as im:
+                    decoded.append(TF.pil_to_tensor(im.convert(mode)))
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+            raise DataError(f"image {member} has more than {Image.MAX_IMAGE_PIXELS:,} pixels (PIL's limit against "
+                            "decompression bombs); shrink it or leave it out") from None
         except UnidentifiedImageError:
             raise DataError(f"cannot decode image {member} (not a recognised image format)") from None
         except (OSError, ValueError, SyntaxError) as e:

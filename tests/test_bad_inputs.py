@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -93,6 +94,38 @@ def _drop_final(f: Path) -> None:
         f.unlink()
 
 
+def _task(*extra: str) -> Callable[[dict], None]:
+    """A user's 3-way task (the trained run's ways) in TMP/sup (classes c1, c2, c3: one drawing each) and TMP/q (one
+    drawing), plus ``extra`` paths (a trailing '/' makes a folder, else a text file)."""
+    def setup(ctx: dict) -> None:
+        from conftest import png_bytes
+
+        for folder in ("sup/c1", "sup/c2", "sup/c3", "q"):
+            (ctx["TMP"] / folder).mkdir(parents=True, exist_ok=True)
+            (ctx["TMP"] / folder / "a.png").write_bytes(png_bytes(np.random.default_rng(0)))
+        for e in extra:
+            path = ctx["TMP"] / e
+            path.mkdir(parents=True) if e.endswith("/") else path.write_text("notes\n")
+    return setup
+
+
+def _study_folder_of(name: str | None) -> Callable[[dict], None]:
+    """A one-cell study file TMP/one.yaml, and (``name``) TMP/other/ as the folder of study ``name``."""
+    def setup(ctx: dict) -> None:
+        _write("one.yaml", "config: configs/omniglot_fomaml_5w1s.yaml\ncells:\n  - {shots: 1}\n")(ctx)
+        if name:
+            (ctx["TMP"] / "other").mkdir()
+            (ctx["TMP"] / "other" / "study.json").write_text(json.dumps({"parent_run_id": "0" * 32,
+                                                                       "study": name}) + "\n")
+    return setup
+
+
+def _bomb(path: Path) -> None:
+    from PIL import Image
+
+    Image.new("1", (10_000, 10_000)).save(path)  # 100 M pixels: PIL warns (and would decode it) below 179 M
+
+
 def _truncated_checkpoints(ctx: dict) -> None:
     _copy_run(ctx, lambda f: f.write_bytes(f.read_bytes()[:100]))
 
@@ -104,6 +137,9 @@ def _missing_support(ctx: dict) -> None:
 # Nine levels of nine aliases: 9**9 values once expanded, from 395 bytes.
 ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi")) + "data: {path: *i}\n"
+
+PREDICT = ("predict", "--run", "RUN", "--tracking-uri", "sqlite:///RUNDIR/mlflow.db", "--support", "TMP/sup",
+           "--query", "TMP/q")
 
 TRAIN = ("train", "--set", "data.path=STORE", "--set", "data.train_split=background", "--set",
          "data.val_split=evaluation", "--set", "data.ways=3", "--set", "model.hidden=8", "--set", "train.steps=2",
@@ -162,6 +198,21 @@ CASES = [
          r"\.parquet fails its sha256 check against .*manifest.json; re-run `metatrain prepare", _corrupt_store),
     Case("data-too-many-ways", "config field", "more ways than the split has classes",
          (*TRAIN, "--set", "data.ways=50"), r"ways = 50 exceeds the \d+ classes of split"),
+    Case("prepare-out-inside-source", "CLI flag", "prepare --out inside its own --source folder",
+         ("prepare", "imagefolder", "--source", "TMP/sup", "--out", "TMP/sup/store"),
+         r"--out .*sup/store and --source .*sup overlap; write the store outside the source folder", _task()),
+    Case("prepare-huge-size", "CLI flag", "prepare --size 100000 (every image would take 9.3 GiB)",
+         ("prepare", "imagefolder", "--source", "TMP/sup", "--out", "OUT", "--size", "100000"),
+         r"--size must be at most 1024 \(every image is stored at size x size", _task()),
+    Case("predict-decompression-bomb", "data file", "a 10,000 x 10,000 PNG of 12 kB among the queries",
+         PREDICT, r"image .*q/bomb.png has more than 89,478,485 pixels \(PIL's limit against decompression bombs\)",
+         lambda ctx: (_task()(ctx), _bomb(ctx["TMP"] / "q" / "bomb.png"))),
+    Case("prepare-class-subfolder", "data file", "prepare imagefolder with a sub-folder inside a class folder",
+         ("prepare", "imagefolder", "--source", "TMP/sup", "--out", "OUT"),
+         r"class folder .*sup/c1 holds a sub-folder more", _task("sup/c1/more/")),
+    Case("prepare-stray-file", "data file", "prepare imagefolder with a file beside the class folders",
+         ("prepare", "imagefolder", "--source", "TMP/sup", "--out", "OUT"),
+         r".*sup/readme.txt lies outside the class folders of .*sup", _task("sup/readme.txt")),
     Case("prepare-corrupt-zip", "data file", "an archive that is not a zip",
          ("prepare", "omniglot", "--source", "BADZIP", "--out", "OUT"), r"images_background.zip",
          lambda ctx: (ctx.__setitem__("BADZIP", ctx["TMP"] / "badzip"), (ctx["TMP"] / "badzip").mkdir(),
@@ -213,11 +264,31 @@ CASES = [
          ("study", "TWINS_YAML", "--out", "OUT"), r"study file .*twins.yaml: cells 1 and 2 are the same cell "
                                                   r"\{'shots': 1\}",
          _write("twins.yaml", "config: configs/omniglot_fomaml_5w1s.yaml\ncells:\n  - {shots: 1}\n  - {shots: 1}\n")),
+    Case("study-out-of-another-study", "CLI flag", "study --out into another study's folder",
+         ("study", "ONE_YAML", "--out", "TMP/other"), r"--out .*other holds study 'other', not 'one'; choose another",
+         _study_folder_of("other")),
+    Case("study-out-is-a-store", "CLI flag", "study --out into a prepared task store",
+         ("study", "ONE_YAML", "--out", "STORE"), r"--out .*store holds a prepared task store",
+         _study_folder_of(None)),
+    Case("train-out-under-a-file", "CLI flag", "train --out below a file", (*TRAIN[:-3], "--out", "OUT_TXT/run",
+                                                                           "--quiet"),
+         r"--out .*out.txt/run: .*out.txt is a file, so no folder can be made under it",
+         _write("out.txt", "not a folder\n")),
     Case("eval-unknown-run", "CLI flag", "--run of a run that does not exist",
          ("eval", "--run", "abc", "--tracking-uri", "sqlite:///RUNDIR/mlflow.db"), r"--run abc: no such metatrain run"),
     Case("predict-missing-support", "data file", "a --support folder that does not exist",
          ("predict", "--run", "RUN", "--tracking-uri", "sqlite:///RUNDIR/mlflow.db", "--support", "TMP/nosupport",
           "--query", "TMP/query"), r"nosupport", _missing_support),
+    Case("predict-class-subfolder", "data file", "a class folder with a sub-folder (its images would be dropped)",
+         PREDICT,
+         r"class folder .*sup/c1 holds a sub-folder more: a class's images sit directly in its folder",
+         _task("sup/c1/more/")),
+    Case("predict-query-not-an-image", "data file", "a file in --query that is not an image",
+         PREDICT,
+         r".*q/notes.txt is not an image", _task("q/notes.txt")),
+    Case("predict-json-inside-query", "CLI flag", "predict --json into the --query folder it labels",
+         (*PREDICT, "--json", "TMP/q/labels.json"), r"--json .*q/labels.json lies inside .*q, the task it labels",
+         _task()),
     Case("sample-unknown-split", "CLI flag", "a split name with a typo", ("sample", "--data", "STORE", "--split",
                                                                          "bakground"),
          r"unknown split 'bakground'"),

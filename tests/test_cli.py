@@ -91,3 +91,29 @@ def test_train_and_eval_bad_input(argv, message, tiny_source, tmp_path, capsys, 
     assert err[-1].startswith("metatrain: error: "), err
     assert re.search(message, err[-1]), err[-1]
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("wrap_in_ray", [False, True])
+def test_an_io_error_is_one_line_with_the_path_and_what_to_do(wrap_in_ray, monkeypatch, capsys):
+    """Disk full (here, or in the parameter server's checkpoint write, which Ray hands back as a RayTaskError with
+    the worker's traceback): one line naming the path, exit 1."""
+    import errno
+
+    from ray.exceptions import RayTaskError
+
+    from metatrain.pipeline import cli
+
+    error = OSError(errno.ENOSPC, "No space left on device", "/data/run/checkpoints/.ckpt-00000007.pt.tmp-1-ab")
+    if wrap_in_ray:
+        error = RayTaskError("ParameterServer.checkpoint", "Traceback (most recent call last):\n" + "  line\n" * 60,
+                             error).as_instanceof_cause()
+        assert isinstance(error, OSError)
+
+    def full(args):
+        raise error
+
+    monkeypatch.setitem(cli.COMMANDS, "eval", full)
+    assert cli.main(["eval", "--run", "abc"]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["metatrain: error: /data/run/checkpoints/.ckpt-00000007.pt.tmp-1-ab: No space left on "
+                                "device; the disk is full: free space there or pass another --out"]

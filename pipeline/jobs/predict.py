@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from metatrain.tasks.episode import Episode
 from metatrain.tasks.errors import DataError, MetatrainError
-from metatrain.tasks.sources import IMAGE_SUFFIXES, RawClass, decode_class, unit_pixels
+from metatrain.tasks.sources import IMAGE_SUFFIXES, RawClass, class_folders, decode_class, image_files, unit_pixels
 from metatrain.tasks.store import read_manifest
 from torch.func import functional_call
 
@@ -35,6 +35,9 @@ from metatrain.pipeline.config import Config, config_from_dict
 
 #: How each record's ``predict`` turns an algorithm's ``scores`` into probabilities.
 _FROM_SCORES = {"softmax": lambda s: torch.softmax(s, -1), "sigmoid": torch.sigmoid, "probability": lambda s: s}
+
+
+QUERY_CHUNK = 100  # queries decoded and scored at a time
 
 
 class PredictError(MetatrainError):
@@ -54,30 +57,33 @@ def _images(files: list[Path], root: Path, size: int, channels: int, invert: boo
     return unit_pixels(decode_class(raw, size, channels, invert))
 
 
-def read_task(support: Path, query: Path, shape: tuple[int, int, int], invert: bool
-              ) -> tuple[list[str], torch.Tensor, torch.Tensor, list[str], torch.Tensor]:
-    """(class names, support images, support labels, query files, query images) as float tensors in [0, 1]."""
+def read_support(support: Path, shape: tuple[int, int, int], invert: bool
+                 ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """(class names, support images as floats in [0, 1], their labels) of a folder of class folders."""
     channels, size, _ = shape
     if not support.is_dir():
         raise DataError(f"--support {support} is not a folder (expected one sub-folder of images per class)")
-    if not query.is_dir():
-        raise DataError(f"--query {query} is not a folder of images")
-    class_dirs = sorted(p for p in support.iterdir() if p.is_dir() and not p.name.startswith("."))
+    class_dirs = class_folders(support)
     if not class_dirs:
         raise DataError(f"--support {support} has no class folders (expected one sub-folder of images per class)")
     names, xs, ys = [], [], []
     for label, d in enumerate(class_dirs):
-        files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        files = image_files(d, recursive=False)
         if not files:
             raise DataError(f"class folder {d} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         names.append(d.name)
         xs.append(_images(files, d, size, channels, invert))
         ys += [label] * len(files)
-    qfiles = sorted(p for p in query.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not qfiles:
+    return names, torch.cat(xs), torch.tensor(ys)
+
+
+def query_files(query: Path) -> list[Path]:
+    if not query.is_dir():
+        raise DataError(f"--query {query} is not a folder of images")
+    files = image_files(query, recursive=True)
+    if not files:
         raise DataError(f"--query {query} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    qx = _images(qfiles, query, size, channels, invert)
-    return names, torch.cat(xs), torch.tensor(ys), [str(f.relative_to(query)) for f in qfiles], qx
+    return files
 
 
 def store_inverts(cfg: Config) -> bool:
@@ -88,22 +94,32 @@ def store_inverts(cfg: Config) -> bool:
         return cfg.data.dataset == "omniglot"
 
 
+def class_scorer(cfg: Config, model, params: dict, support_x: torch.Tensor, support_y: torch.Tensor):
+    """``scores(query_x) -> (queries, ways)`` probabilities of each class for each query, the model adapted to the
+    support set once (an inner-loop learner's steps are not redone for every batch of queries)."""
+    algo = get_algorithm(cfg.algorithm.name)
+    record, ways = algo.RECORD, int(support_y.max()) + 1
+    if record.predict != "adapt":
+        return lambda qx: class_scores(cfg, model, params, Episode(
+            support_x, support_y, qx, torch.zeros(len(qx), dtype=torch.long), torch.arange(ways),
+            torch.zeros(ways, dtype=torch.long), (0, 0, 0)))
+    if ways != model.out_features:
+        raise PredictError(f"--support has {ways} classes but this {cfg.algorithm.name} model's head has exactly "
+                           f"{model.out_features} ways (data.ways it was trained with)")
+    with torch.enable_grad():
+        adapted = algo.adapt(params, (support_x, support_y), cfg.algorithm, model,
+                             steps=cfg.algorithm.eval_inner_steps)
+    prefix = record.param_prefix
+    weights = {k: v.detach() for k, v in adapted.items() if prefix is None or not k.startswith(prefix)}
+    return lambda qx: torch.softmax(functional_call(model, weights, (qx,)), -1)
+
+
 def class_scores(cfg: Config, model, params: dict, episode: Episode) -> torch.Tensor:
-    """``(queries, ways)`` probabilities of each class for each query after adapting to the support set."""
-    name, algo = cfg.algorithm.name, get_algorithm(cfg.algorithm.name)
+    """``(queries, ways)`` probabilities of each class for each query of ``episode``, by a learner that does not
+    adapt by gradient steps (memory, metric and sequence learners); see ``class_scorer``."""
+    algo = get_algorithm(cfg.algorithm.name)
     record = algo.RECORD
     ways = int(episode.support_y.max()) + 1
-    if record.predict == "adapt":
-        if ways != model.out_features:
-            raise PredictError(f"--support has {ways} classes but this {name} model's head has exactly "
-                               f"{model.out_features} ways (data.ways it was trained with)")
-        with torch.enable_grad():
-            adapted = algo.adapt(params, (episode.support_x, episode.support_y), cfg.algorithm, model,
-                                 steps=cfg.algorithm.eval_inner_steps)
-        prefix = record.param_prefix
-        weights = {k: v for k, v in adapted.items() if prefix is None or not k.startswith(prefix)}
-        logits = functional_call(model, weights, (episode.query_x,))
-        return torch.softmax(logits.detach(), -1)
     if record.predict == "sequence":
         return _mann_scores(model, params, episode, ways)
     if record.predict == "memory":
@@ -149,14 +165,23 @@ def predict(state: dict, support: str | Path, query: str | Path, invert: bool | 
         shape = tuple(state.get("extra", {}).get("image_shape") or (1, 28, 28))
     model = build_model(cfg, shape)
     params = {k: v.float() for k, v in state["params"].items()}
-    names, sx, sy, qfiles, qx = read_task(Path(support), Path(query), shape,
-                                          store_inverts(cfg) if invert is None else invert)
-    episode = Episode(sx, sy, qx, torch.zeros(len(qfiles), dtype=torch.long), torch.arange(len(names)),
-                      torch.zeros(len(names), dtype=torch.long), (0, 0, 0))
-    with torch.no_grad():
-        probs = class_scores(cfg, model, params, episode)
-    best = probs.argmax(-1)
-    return [Prediction(f, names[int(b)], float(probs[i, b])) for i, (f, b) in enumerate(zip(qfiles, best))]
+    invert = store_inverts(cfg) if invert is None else invert
+    support, query = Path(support), Path(query)
+    names, sx, sy = read_support(support, shape, invert)
+    files = query_files(query)
+    scores = class_scorer(cfg, model, params, sx, sy)
+    out = []
+    # Queries are decoded and scored QUERY_CHUNK at a time, so memory stays flat in their number. A model whose
+    # query set is batch-normalised with its own statistics (MAML's transductive setting) sees them in these
+    # chunks, in file order, as it saw 75-query sets in training.
+    for lo in range(0, len(files), QUERY_CHUNK):
+        chunk = files[lo:lo + QUERY_CHUNK]
+        with torch.no_grad():
+            probs = scores(_images(chunk, query, shape[1], shape[0], invert))
+        best = probs.argmax(-1)
+        out += [Prediction(str(f.relative_to(query)), names[int(b)], float(probs[i, b]))
+                for i, (f, b) in enumerate(zip(chunk, best.tolist()))]
+    return out
 
 
 def write_predictions(predictions: list[Prediction], path: str | Path) -> None:

@@ -199,16 +199,22 @@ def run_study(path: str | Path, *, out: str | None = None, tracking_uri: str | N
     import ray
 
     from metatrain.pipeline.figures import study_figures
-    from metatrain.pipeline.jobs.train import init_ray
+    from metatrain.pipeline.jobs.train import check_out_dir, init_ray
     from metatrain.pipeline.tracking import RunTracker, check_tracking, resolve_tracking_uri
 
     study = load_study(path)
     out_dir = Path(out) if out else Path("runs") / "studies" / study.name
+    state_file = out_dir / "study.json"
+    check_out_dir(out_dir)  # a file, a task store, a training run's folder: refused
+    try:
+        state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    except ValueError:
+        raise StudyError(f"{state_file} is not valid JSON: not a study's folder, or a damaged one") from None
+    if state and state.get("study", study.name) != study.name:
+        raise StudyError(f"--out {out_dir} holds study {state['study']!r}, not {study.name!r}; choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
     uri = resolve_tracking_uri(tracking_uri, out_dir)
     check_tracking(uri)
-    state_file = out_dir / "study.json"
-    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     # The parent run is a RunTracker like every run: FAILED / KILLED / ended at exit, journaled metrics.
     tracker = RunTracker(uri, experiment=f"study-{study.name}", run_id=state.get("parent_run_id"),
                          run_name=study.name, artifact_root=out_dir / "mlartifacts", system_metrics=False,
@@ -216,7 +222,7 @@ def run_study(path: str | Path, *, out: str | None = None, tracking_uri: str | N
     tracker.start(tags={"metatrain.study": study.name, "metatrain.study_file": str(study.path)})
     parent = tracker.run_id
     if not state.get("parent_run_id"):
-        state_file.write_text(json.dumps({"parent_run_id": parent, "tracking_uri": uri}) + "\n")
+        state_file.write_text(json.dumps({"parent_run_id": parent, "tracking_uri": uri, "study": study.name}) + "\n")
     todo = [c for c in study.cells if not _cell_done(out_dir, c)]
     skipped = len(study.cells) - len(todo)
     if skipped:

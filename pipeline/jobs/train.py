@@ -253,11 +253,14 @@ def _sigterm_as_interrupt():
     return lambda: signal.signal(signal.SIGTERM, previous)
 
 
-def _check_out_dir(out: Path, resuming: bool = False, evaluating: str | None = None) -> None:
+def check_out_dir(out: Path, resuming: bool = False, evaluating: str | None = None) -> None:
     """Refuse an --out that is a file, holds a task store, or holds another run's checkpoints (training) or
     results (``evaluating``: the source of the evaluation about to be written, which may replace its own)."""
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} is a file; give a folder (created if missing)")
+    above = next((p for p in out.absolute().parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise RunError(f"--out {out}: {above} is a file, so no folder can be made under it")
     if (out / MANIFEST).is_file():
         raise RunError(f"--out {out} holds a prepared task store ({MANIFEST}); choose another folder")
     ckpt = out / "checkpoints"
@@ -319,7 +322,7 @@ def train(config_path: str | None, overrides: list[str] = (), *, out: str | None
     if register:
         cfg = cfg.replace(tracking=cfg.tracking.__class__(**{**cfg.to_dict()["tracking"], "register": register}))
     _preflight(cfg, out_dir / "checkpoints" if resume else None)
-    _check_out_dir(out_dir, resuming=bool(resume))
+    check_out_dir(out_dir, resuming=bool(resume))
     uri = resolve_tracking_uri(tracking_uri or cfg.tracking.uri, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     check_tracking(uri)
@@ -504,7 +507,7 @@ def evaluate(run: str | None = None, model_uri: str | None = None, *, tasks: int
         raise RunError(f"{what}: checkpoint was written for a different model or config (fingerprint "
                        f"{state['fingerprint']} != {expected}); --set may not change the model or ways")
     out_dir = Path(out) if out else Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")
-    _check_out_dir(out_dir, evaluating=what)
+    check_out_dir(out_dir, evaluating=what)
     rows = core.evaluate(state["params"], "test", 0, range(cfg.train.eval_tasks))
     summary = summarize(rows, cfg, cfg.data.test_split, {"step": state["step"], "source": what})
     write_eval(out_dir, summary, rows)
