@@ -10,13 +10,14 @@ from scratch in a temporary folder and swapped in atomically (see ``metatrain.ta
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from metatrain.tasks.errors import DataError, MetatrainError
 from metatrain.tasks.sources import iter_imagefolder, iter_omniglot, omniglot_inputs, sha256_file, sha256_tree
-from metatrain.tasks.store import read_manifest, verify_store, write_store
+from metatrain.tasks.store import LEGACY_MANIFEST, MANIFEST, manifest_path, read_manifest, verify_store, write_store
 
 OMNIGLOT_IMAGES = 32_460
 
@@ -60,6 +61,9 @@ def _existing(out: Path, wanted: dict) -> tuple[dict | None, str]:
         verify_store(out, manifest)
     except DataError as e:
         return None, f"existing store is incomplete or corrupt ({e})"
+    if manifest_path(out).name == LEGACY_MANIFEST:  # a store from before the rename: same content, new name
+        os.replace(out / LEGACY_MANIFEST, out / MANIFEST)
+        return manifest, f"store is complete and up to date; renamed its {LEGACY_MANIFEST} to {MANIFEST}"
     return manifest, "store is complete and up to date"
 
 

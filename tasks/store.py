@@ -1,8 +1,8 @@
-"""Prepared task stores: a hive-partitioned Parquet dataset plus ``manifest.json``, written atomically, read once.
+"""Prepared task stores: a hive-partitioned Parquet dataset plus ``_manifest.json``, written atomically, read once.
 
 Layout of a store folder::
 
-    manifest.json                     counts, image shape, source sha256s, file sha256s, schema version, time
+    _manifest.json                    counts, image shape, source sha256s, file sha256s, schema version, time
     split=background/part-0.parquet   one row per image: alphabet, character, class_id, drawer, source_file, image
     split=evaluation/part-0.parquet
 
@@ -33,7 +33,16 @@ from metatrain.tasks.errors import DataError
 from metatrain.tasks.sources import RawClass, decode_class, sha256_file
 
 SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
+# The leading "_": pyarrow's and pandas' dataset readers skip such names, so the store folder reads as a Parquet
+# dataset (pd.read_parquet(store), pyarrow.dataset.dataset(store, partitioning="hive")).
+MANIFEST = "_manifest.json"
+LEGACY_MANIFEST = "manifest.json"  # its name before; still read, and renamed by the next `prepare`
+
+
+def manifest_path(path: Path) -> Path:
+    """The manifest of the store at ``path``: ``_manifest.json``, or a store's written before as ``manifest.json``."""
+    new, old = path / MANIFEST, path / LEGACY_MANIFEST
+    return old if old.is_file() and not new.is_file() else new
 
 
 def image_schema(pixels: int) -> pa.Schema:
@@ -55,7 +64,8 @@ def image_schema(pixels: int) -> pa.Schema:
 
 def _is_store_like(path: Path) -> bool:
     """True if ``path`` holds only what a (possibly damaged) store holds: replacing it loses nothing of the user's."""
-    return all(p.name == MANIFEST or (p.is_dir() and p.name.startswith("split=")) for p in path.iterdir())
+    return all(p.name in (MANIFEST, LEGACY_MANIFEST) or (p.is_dir() and p.name.startswith("split="))
+               for p in path.iterdir())
 
 
 def _sweep_partials(out: Path) -> None:
@@ -160,7 +170,7 @@ def write_store(out: Path, classes: Iterable[RawClass], *, dataset: str, size: i
 # --------------------------------------------------------------------------------------------------------------
 
 def read_manifest(path: Path) -> dict:
-    mf = path / MANIFEST
+    mf = manifest_path(path)
     if not path.is_dir():
         raise DataError(f"no prepared store at {path} (run `metatrain prepare omniglot --out {path}` first)")
     if not mf.is_file():
@@ -197,7 +207,7 @@ def verify_store(path: Path, manifest: dict | None = None, *, checksums: bool = 
         if f.stat().st_size != meta["bytes"]:
             raise DataError(f"{f} has {f.stat().st_size} bytes, manifest says {meta['bytes']}; {redo}")
         if checksums and sha256_file(f) != meta["sha256"]:
-            raise DataError(f"{f} fails its sha256 check against {path / MANIFEST}; {redo}")
+            raise DataError(f"{f} fails its sha256 check against {manifest_path(path)}; {redo}")
         try:
             n = pq.ParquetFile(f).metadata.num_rows
         except (OSError, pa.ArrowException) as e:
@@ -221,7 +231,7 @@ class TaskStore:
     path: Path
     """The store folder."""
     manifest: dict
-    """Its manifest.json, as verified."""
+    """Its manifest (``_manifest.json``), as verified."""
     images: torch.Tensor
     """``(n_images, C, H, W)`` uint8, contiguous, ink-high for Omniglot."""
     class_offsets: torch.Tensor

@@ -245,7 +245,7 @@ CASES = [
          r"--out .*run is a training run's folder; its eval.json and eval_tasks.parquet are that run's"),
     Case("eval-out-is-a-store", "CLI flag", "eval --out into a prepared task store",
          ("eval", "--run", "RUN", "--tracking-uri", "sqlite:///RUNDIR/mlflow.db", "--tasks", "2", "--out", "STORE"),
-         r"--out .*store holds a prepared task store \(manifest.json\)"),
+         r"--out .*store holds a prepared task store \(_manifest.json\)"),
     Case("train-out-is-a-file", "CLI flag", "train --out naming a file", (*TRAIN[:-3], "--out", "OUT_TXT", "--quiet"),
          r"--out .*out.txt is a file; give a folder", _write("out.txt", "not a folder\n")),
     Case("eval-unfinished-run", "checkpoint", "eval --run of a run with no final checkpoint (killed, failed)",

@@ -27,7 +27,7 @@ SHARED_SHA = {
 
 @pytest.mark.data
 def test_real_omniglot_counts_and_manifest(omniglot_store, omniglot_dir):
-    m = json.loads((omniglot_store / "manifest.json").read_text())
+    m = json.loads((omniglot_store / "_manifest.json").read_text())
     assert m["splits"]["background"]["classes"] == 964
     assert m["splits"]["evaluation"]["classes"] == 659
     assert m["splits"]["background"]["alphabets"] == 30
@@ -130,13 +130,13 @@ def test_missing_extra_and_manifest_mismatch(tiny_source, tmp_path):
     with pytest.raises(DataError, match="unexpected"):
         verify_store(out)
     (out / "split=background" / "part-1.parquet").unlink()
-    mf = json.loads((out / "manifest.json").read_text())
+    mf = json.loads((out / "_manifest.json").read_text())
     mf["files"]["split=background/part-0.parquet"]["rows"] += 1
-    (out / "manifest.json").write_text(json.dumps(mf))
+    (out / "_manifest.json").write_text(json.dumps(mf))
     with pytest.raises(DataError, match="manifest says"):
         verify_store(out)
-    (out / "manifest.json").unlink()
-    with pytest.raises(DataError, match="manifest.json is missing"):
+    (out / "_manifest.json").unlink()
+    with pytest.raises(DataError, match="_manifest.json is missing"):
         TaskStore.open(out)
     assert prepare_omniglot(tiny_source, out).rebuilt  # a manifest-less store is ours: rebuilt
     verify_store(out)
@@ -212,7 +212,6 @@ def _write_imagefolder(root, rng):
         (root / "cat" / f"{i}.png").write_bytes(png_bytes(rng, side=10 + i, channels=3))
     for i in range(6):
         Image.fromarray(rng.integers(0, 255, (12, 8, 3), dtype=np.uint8)).save(root / "dog" / f"{i}.jpg")
-    (root / "dog" / "notes.txt").write_text("ignored")
 
 
 def test_imagefolder_rgb_with_uneven_classes(tmp_path):
@@ -230,6 +229,11 @@ def test_imagefolder_rgb_with_uneven_classes(tmp_path):
 def test_imagefolder_bad_inputs(tmp_path):
     src = tmp_path / "imgs"
     _write_imagefolder(src, np.random.default_rng(0))
+    (src / "dog" / "notes.txt").write_text("not an image")  # refused with its name, never silently left out
+    with pytest.raises(DataError, match="dog/notes.txt is not an image"):
+        prepare_imagefolder(src, tmp_path / "store")
+    (src / "dog" / "notes.txt").unlink()
+    (src / "dog" / ".DS_Store").write_bytes(b"\0")  # hidden names are skipped
     (src / "dog" / "3.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(DataError, match="cannot decode image dog/3.jpg"):
         prepare_imagefolder(src, tmp_path / "store")
@@ -250,3 +254,26 @@ def test_sources_sha_tree_changes_with_content(tmp_path):
     h1 = sources.sha256_tree(tmp_path / "a")
     (tmp_path / "a" / "x").write_text("2")
     assert sources.sha256_tree(tmp_path / "a") != h1
+
+
+def test_a_store_reads_as_a_parquet_dataset_and_an_older_store_is_renamed(tiny_source, tmp_path):
+    """The manifest's leading '_' makes pandas and pyarrow skip it: the store folder is a plain hive dataset."""
+    import pandas as pd
+    import pyarrow.dataset as ds
+
+    out = tmp_path / "store"
+    m = prepare_omniglot(tiny_source, out).manifest
+    frame = pd.read_parquet(out)
+    assert len(frame) == m["images"] and set(frame["split"]) == {"background", "evaluation"}
+    table = ds.dataset(out, format="parquet", partitioning="hive").to_table()
+    assert table.num_rows == m["images"] and "image" in table.column_names
+    # A store written before the rename (manifest.json) is still read, and the next prepare renames its manifest.
+    (out / "_manifest.json").rename(out / "manifest.json")
+    with pytest.raises(Exception):
+        pd.read_parquet(out)  # what the old name did to every Parquet reader
+    TaskStore._cache.clear()
+    assert TaskStore.open(out).images.shape[0] == m["images"]
+    again = prepare_omniglot(tiny_source, out)
+    assert not again.rebuilt and "renamed its manifest.json to _manifest.json" in again.reason
+    assert (out / "_manifest.json").is_file() and not (out / "manifest.json").exists()
+    assert len(pd.read_parquet(out)) == m["images"]

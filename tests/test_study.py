@@ -37,6 +37,9 @@ def test_study_runs_cells_in_parallel_nests_them_and_resumes(ray_module, omniglo
     table = ds.dataset(out / "results", format="parquet", partitioning="hive").to_table()
     assert table.num_rows == 40 and {"cell", "algorithm", "shots", "query_acc", "slot"} <= set(table.column_names)
     assert sorted(set(table.column("cell").to_pylist())) == sorted(r["cell"] for r in rows)
+    import pandas as pd
+
+    assert len(pd.read_parquet(out / "results")) == 40  # and pandas reads the results folder as it is
     assert (out / "summary.md").read_text().count("\n") == 6  # header, rule, 4 cells
     assert (out / "accuracy_vs_shots.png").stat().st_size > 1000
 

@@ -33,7 +33,7 @@ import torch
 import yaml
 from metatrain.tasks.atomic import atomic_path
 from metatrain.tasks.errors import MetatrainError
-from metatrain.tasks.store import MANIFEST
+from metatrain.tasks.store import manifest_path
 
 from metatrain.pipeline.checkpoint import latest_checkpoint, load_checkpoint, load_latest, save_checkpoint
 from metatrain.pipeline.components import (
@@ -261,8 +261,8 @@ def check_out_dir(out: Path, resuming: bool = False, evaluating: str | None = No
     above = next((p for p in out.absolute().parents if p.exists()), None)
     if above is not None and not above.is_dir():
         raise RunError(f"--out {out}: {above} is a file, so no folder can be made under it")
-    if (out / MANIFEST).is_file():
-        raise RunError(f"--out {out} holds a prepared task store ({MANIFEST}); choose another folder")
+    if manifest_path(out).is_file():
+        raise RunError(f"--out {out} holds a prepared task store ({manifest_path(out).name}); choose another folder")
     ckpt = out / "checkpoints"
     if evaluating is not None:
         if ckpt.is_dir():
