@@ -1,6 +1,7 @@
 """Fault injection: five ways to break a sync FOMAML run, and whether it finished with a clean run's parameters.
 
-    python bench/faults.py [--steps 30]          # about 5 minutes on 2 cores
+    python bench/faults.py [--steps 30]          # about 5 minutes on 2 cores (node removal: up to 15 more)
+    python bench/faults.py --only-workers        # the clean run and the worker kill only
 
 Each scenario trains FOMAML 5w1s on the prepared Omniglot store (Conv4, meta-batch 8, checkpoints every 5 steps,
 2 workers) for --steps sync steps and injects one fault:
@@ -209,6 +210,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--data", default="data/omniglot")
+    ap.add_argument("--only-workers", action="store_true", help="only the clean run and the worker kill")
     args = ap.parse_args()
     steps = args.steps
     os.chdir(REPO)
@@ -221,8 +223,14 @@ def main() -> None:
         rows.append(("none (the clean reference)", clean["last"] == steps, "-", "-", lost(clean["logged"], steps),
                      clean["wall"]))
         r = engine_run(cfg, d / "worker", kill_worker_in_step(10))
+        back = [e.split(" after ")[1] for e in r["faults"].events if "worker 0 is back in service" in e]
         rows.append(("worker killed (SIGKILL, call in flight)", r["last"] == steps, same(r["params"], clean["params"]),
-                     f"{r['faults'].recomputed_slots} slots", lost(r["logged"], steps), r["wall"]))
+                     f"{r['faults'].recomputed_slots} slots; {r['faults'].worker_failures} failure counted; "
+                     + (f"worker 0 back in service after {back[0]}" if back else "worker 0 not back"),
+                     lost(r["logged"], steps), r["wall"]))
+        if args.only_workers:
+            ray.shutdown()
+            return print_table(rows, steps)
         kill_ps = kill_ps_before(12)
         r = engine_run(cfg, d / "ps", kill_ps)
         redone = sorted(s for s in set(kill_ps.applied) if kill_ps.applied.count(s) > 1)
@@ -294,6 +302,10 @@ def main() -> None:
                      lost(logged, steps) + f"; status {status}" + ("; a warning was printed" if warned else ""),
                      time.monotonic() - t0))
 
+    print_table(rows, steps)
+
+
+def print_table(rows: list[tuple], steps: int) -> None:
     print(f"\nFOMAML 5w1s, Conv4, meta-batch 8, {steps} sync steps, checkpoints every 5, 2 workers; "
           f"{os.cpu_count()} cores\n")
     print("| fault | run finished | final parameters = clean run's | recomputed | lost | wall s |")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 import ray
@@ -146,13 +147,24 @@ def test_an_uneven_split_by_speed_gives_the_same_parameters_bit_for_bit(clean, o
     assert all(torch.equal(weights[k], clean[2][k]) for k in weights)
 
 
-def test_a_killed_worker_is_recomputed_and_the_result_unchanged(clean, omniglot_store, tmp_path):
+def test_a_killed_worker_costs_one_restart_and_comes_back_with_the_result_unchanged(omniglot_store, tmp_path):
+    steps = 10
+    calls_after_crash = []
+
     def kill_worker_mid_step(engine, trainer):
         pid = ray.get(engine.workers[0].handle.ping.remote())["pid"]
         original = engine.dispatch
 
         def dispatch(jobs, call, **kw):
+            # A longer run, compressed: once the crash is seen, the next step waits until Ray's restarted actor
+            # has answered the engine's ping (a few seconds here), as steps would go on meanwhile in a real run.
+            deadline = time.monotonic() + 120
+            while engine.faults.worker_failures and not engine.workers[0].in_service and time.monotonic() < deadline:
+                engine.alive()
+                time.sleep(0.2)
             def call_and_kill(handle, job):
+                if engine.faults.worker_failures:
+                    calls_after_crash.append(handle is engine.workers[0].handle)
                 refs = call(handle, job)
                 if handle is engine.workers[0].handle and job[1] == [[0], [1]] and not state["killed"]:
                     state["killed"] = True
@@ -163,12 +175,17 @@ def test_a_killed_worker_is_recomputed_and_the_result_unchanged(clean, omniglot_
         state = {"killed": False}
         engine.dispatch = dispatch
 
-    cfg = tiny(omniglot_store, "workers.count=2")
+    cfg = tiny(omniglot_store, "workers.count=2", f"train.steps={steps}")
     last, version, weights, faults, _ = run(cfg, tmp_path, "kill", kill_worker_mid_step)
-    assert last == version == STEPS
-    assert faults.worker_failures >= 1 and faults.recomputed_slots >= 2
+    assert last == version == steps
+    # One crash is one failure, however many calls Ray refused while it restarted the actor; the worker is not
+    # retired, it takes work again once the restarted actor answers.
+    assert faults.worker_failures == 1 and faults.recomputed_slots >= 2, faults.events
     assert any("worker 0 lost 2 slots" in e for e in faults.events)
-    assert_same(weights, clean[2])
+    assert any("worker 0 is back in service" in e for e in faults.events), faults.events
+    assert not any("retired" in e for e in faults.events)
+    assert True in calls_after_crash and calls_after_crash[0] is False, calls_after_crash
+    assert_same(weights, run(cfg, tmp_path, "clean")[2])
 
 
 def test_a_killed_parameter_server_restarts_from_its_checkpoint(clean, omniglot_store, tmp_path):

@@ -126,17 +126,14 @@ class FakeEngine:
     # ---- workers ----------------------------------------------------------------------------------------------
 
     def alive(self) -> list[WorkerState]:
-        live = [ws for ws in self.workers if ws.alive]
+        live = [ws for ws in self.workers if ws.in_service]  # a crashed worker never comes back here
         if not live:
             raise EngineError("every worker has failed; see the events above")
         return live
 
-    def fail_worker(self, ws: WorkerState, job, why: str, size=len) -> None:
-        ws.failures += 1
-        self.faults.worker_failures += 1
+    def fail_worker(self, ws: WorkerState, job, why: str, size=len, crash_epoch: int | None = None) -> None:
+        self.faults.worker_failures += ws.count_loss(crash_epoch, self.cfg.workers.max_restarts)
         self.faults.recomputed_slots += size(job)
-        if ws.failures > self.cfg.workers.max_restarts:
-            ws.alive = False
         self.faults.events.append(f"worker {ws.index} lost {size(job)} slots ({why})")
 
     def _meta(self, ws_index: int, version: int, weights: dict, slots) -> dict:

@@ -6,7 +6,9 @@
 loop waits on futures with ``ray.wait`` and handles whichever finishes first.
 
 Faults. A worker that dies mid-call (its process killed, its node removed) surfaces as a Ray actor error on its
-futures; its slots go to the next live worker, and Ray restarts the actor (``workers.max_restarts``) for later calls.
+futures; its slots go to the live workers, and Ray restarts the actor (``workers.max_restarts``). The crash counts
+one failure, however many calls were in flight; the worker gets no work while Ray restarts it and rejoins once the
+new actor answers a ping (``faults/worker_failures`` counts crashes and timeouts, not the calls refused meanwhile).
 Because episodes are pure functions of (seed, step, slot), the recomputed slots are the same tasks and a sync run
 ends with the parameters of a clean run. A parameter server that dies is restarted by Ray from its newest checkpoint;
 ``recover_parameter_server`` returns its version and the driver recomputes the steps after it. A call slower than
@@ -32,6 +34,7 @@ from metatrain.pipeline.distributed.actors import ParameterServer, TaskWorker
 
 PLACEMENT_TIMEOUT_S = 60.0
 PS_RECOVERY_TIMEOUT_S = 180.0
+RESTART_PING_S = 0.5  # how often a restarting worker is pinged
 
 
 class EngineError(MetatrainError):
@@ -79,8 +82,29 @@ def proportional_counts(n: int, speeds: list[float]) -> list[int]:
 class WorkerState:
     handle: ray.actor.ActorHandle
     index: int
-    failures: int = 0
+    failures: int = 0  # crashes and timeouts; past workers.max_restarts the worker is retired
     alive: bool = True
+    crashes: int = 0  # the crash count when a call was submitted tells a new crash from its in-flight casualties
+    restarting: bool = False  # after a crash, until the actor Ray restarts answers a ping: no work meanwhile
+    probe: object = None  # that ping, while in flight
+    retry_at: float = 0.0  # when to ping again after a refused ping
+    down_since: float = 0.0
+
+    @property
+    def in_service(self) -> bool:
+        return self.alive and not self.restarting
+
+    def count_loss(self, crash_epoch: int | None, max_restarts: int) -> bool:
+        """A lost call (see ``Engine.fail_worker``); whether it counts as a failure."""
+        counted = crash_epoch is None or (crash_epoch == self.crashes and not self.restarting)
+        if counted:
+            self.failures += 1
+            if self.failures > max_restarts:
+                self.alive = self.restarting = False
+            elif crash_epoch is not None:
+                self.crashes += 1
+                self.restarting, self.down_since, self.retry_at = True, time.monotonic(), 0.0
+        return counted
 
 
 @dataclass
@@ -104,6 +128,58 @@ def check_resources(cfg: Config) -> None:
     if total.get("CPU", 0) < w.cpus * w.count - 1e-9:
         raise ConfigError(f"workers.cpus = {w.cpus:g} x {w.count} workers needs {w.cpus * w.count:g} CPUs; the Ray "
                           f"cluster has {total.get('CPU', 0):g} (lower workers.count or workers.cpus)")
+
+
+def poll_restarts(workers: list[WorkerState], wait_s: float, event: Callable[[str], None]) -> None:
+    """Ping the restarting workers and collect the answers, waiting up to ``wait_s`` for one to come back; a
+    refused ping is retried after RESTART_PING_S, and a worker not back within PS_RECOVERY_TIMEOUT_S retired."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        down = [ws for ws in workers if ws.alive and ws.restarting]
+        if not down:
+            return
+        now = time.monotonic()
+        for ws in down:
+            if now - ws.down_since > PS_RECOVERY_TIMEOUT_S:  # refused or unanswered all this time
+                ws.alive = ws.restarting = False
+                event(f"worker {ws.index} did not come back within {PS_RECOVERY_TIMEOUT_S:.0f} s; retired")
+            elif ws.probe is None and now >= ws.retry_at:
+                ws.probe = ws.handle.ping.remote()
+        down = [ws for ws in down if ws.alive]
+        probes = {ws.probe: ws for ws in down if ws.probe is not None}
+        left = max(0.0, deadline - now)
+        ready = ray.wait(list(probes), num_returns=len(probes), timeout=min(left, RESTART_PING_S))[0] \
+            if probes else []
+        for ref in ready:
+            ws = probes[ref]
+            ws.probe = None
+            try:
+                ray.get(ref)
+            except RayActorError:  # still restarting (ActorUnavailableError) or not yet replaced
+                ws.retry_at = time.monotonic() + RESTART_PING_S
+                continue
+            ws.restarting = False
+            event(f"worker {ws.index} is back in service after {time.monotonic() - ws.down_since:.1f} s")
+        if any(ws.in_service for ws in workers) or time.monotonic() >= deadline:
+            return
+        if not probes:
+            time.sleep(min(RESTART_PING_S, max(0.0, deadline - time.monotonic())))
+
+
+def wait_ready(ps, workers: list[WorkerState]) -> None:
+    """Block until the parameter server and every worker answer (or raise EngineError naming the one that did not)."""
+    refs = {ps.status.remote(): "parameter server"}
+    refs |= {ws.handle.ping.remote(): f"worker {ws.index}" for ws in workers}
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=PS_RECOVERY_TIMEOUT_S)
+        if not ready:
+            raise EngineError(f"{', '.join(refs[r] for r in pending)} did not start within "
+                              f"{PS_RECOVERY_TIMEOUT_S:.0f} s")
+        try:
+            ray.get(ready[0])
+        except RayError as e:
+            raise EngineError(f"{refs[ready[0]]} failed to start: {str(e).strip().splitlines()[-1]}") from None
 
 
 class Engine:
@@ -143,23 +219,9 @@ class Engine:
             ).remote(config, i), i)
             for i in range(w.count)
         ]
-        self._wait_ready()
+        wait_ready(self.ps, self.workers)
 
     # ---- set-up -------------------------------------------------------------------------------------------------
-
-    def _wait_ready(self) -> None:
-        refs = {self.ps.status.remote(): "parameter server"}
-        refs |= {ws.handle.ping.remote(): f"worker {ws.index}" for ws in self.workers}
-        pending = list(refs)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=PS_RECOVERY_TIMEOUT_S)
-            if not ready:
-                raise EngineError(f"{', '.join(refs[r] for r in pending)} did not start within "
-                                  f"{PS_RECOVERY_TIMEOUT_S:.0f} s")
-            try:
-                ray.get(ready[0])
-            except RayError as e:
-                raise EngineError(f"{refs[ready[0]]} failed to start: {str(e).strip().splitlines()[-1]}") from None
 
     def shutdown(self) -> None:
         for ws in self.workers:
@@ -241,22 +303,35 @@ class Engine:
     # ---- dispatching slots --------------------------------------------------------------------------------------
 
     def alive(self) -> list[WorkerState]:
-        live = [ws for ws in self.workers if ws.alive]
+        """The workers in service. A crashed worker rejoins once the actor Ray restarted answers a ping; this waits
+        for one only when no worker is in service."""
+        poll_restarts(self.workers, 0.0, self._event)
+        if not any(ws.in_service for ws in self.workers) and any(ws.alive for ws in self.workers):
+            poll_restarts(self.workers, PS_RECOVERY_TIMEOUT_S, self._event)
+        live = [ws for ws in self.workers if ws.in_service]
         if not live:
             raise EngineError("every worker has failed; see the events above")
         return live
 
-    def fail_worker(self, ws: WorkerState, job, why: str, size: Callable = len) -> None:
-        """Count a lost call of ``ws`` (its ``size(job)`` slots are recomputed); retire it past its restarts."""
-        ws.failures += 1
-        self.faults.worker_failures += 1
-        self.faults.recomputed_slots += size(job)
-        if ws.failures > self.cfg.workers.max_restarts:
-            ws.alive = False
-        msg = (f"worker {ws.index} lost {size(job)} slots ({why}); recomputing them on another worker"
-               + ("" if ws.alive else f"; worker {ws.index} retired after {ws.failures} failures"))
+    def _event(self, msg: str) -> None:
         self.faults.events.append(msg)
         self.log(msg)
+
+    def fail_worker(self, ws: WorkerState, job, why: str, size: Callable = len, crash_epoch: int | None = None
+                    ) -> None:
+        """A call of ``ws`` was lost; its ``size(job)`` slots are recomputed on another worker.
+
+        ``crash_epoch`` (``ws.crashes`` when the call was submitted) marks an actor crash: the first lost call of a
+        crash counts it once and takes the worker out of service until Ray's restarted actor answers; the other
+        calls in flight at that crash count nothing. A timeout (no ``crash_epoch``) counts each time. Past
+        ``workers.max_restarts`` counted failures the worker is retired.
+        """
+        self.faults.recomputed_slots += size(job)
+        counted = ws.count_loss(crash_epoch, self.cfg.workers.max_restarts)
+        self.faults.worker_failures += counted
+        self._event(f"worker {ws.index} lost {size(job)} slots ({why}); recomputing them on another worker"
+                    + ("" if ws.alive else f"; worker {ws.index} retired after {ws.failures} failures")
+                    + ("; waiting for Ray to restart it" if counted and ws.restarting else ""))
 
     def dispatch(self, jobs: list, call: Callable, size: Callable = len) -> list[tuple[object, object, tuple]]:
         """Run every job on some worker; return (job, first result, other refs) per job, in job order.
@@ -278,23 +353,23 @@ class Engine:
             cursor += 1
             refs = call(ws.handle, jobs[i])
             refs = refs if isinstance(refs, (list, tuple)) else (refs,)
-            pending[refs[0]] = (i, ws, tuple(refs[1:]), time.monotonic())
+            pending[refs[0]] = (i, ws, tuple(refs[1:]), time.monotonic(), ws.crashes)
 
         for i in range(len(jobs)):
             submit(i)
         while pending:
-            oldest = min(t for *_, t in pending.values())
+            oldest = min(p[3] for p in pending.values())
             wait_s = max(0.05, oldest + timeout - time.monotonic())
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
             if not ready:  # the oldest call is overdue: treat it as lost
                 ref = min(pending, key=lambda r: pending[r][3])
-                i, ws, _, _ = pending.pop(ref)
+                i, ws, *_ = pending.pop(ref)
                 self.faults.timeouts += 1
                 self.fail_worker(ws, jobs[i], f"no answer within {timeout:g} s", size)
                 submit(i, avoid=ws)
                 continue
             ref = ready[0]
-            i, ws, others, _ = pending.pop(ref)
+            i, ws, others, _, epoch = pending.pop(ref)
             try:
                 value = ray.get(ref)
             except RayTaskError as e:
@@ -308,7 +383,11 @@ class Engine:
                 # Either our argument (the weights, owned by the parameter server) or the result is gone; both are
                 # answered by refetching the weights and recomputing the step.
                 raise WeightsLost(str(e).strip().splitlines()[0]) from None
-            except RayError as e:  # the worker died or its node went away: recompute its slots elsewhere
+            except RayActorError as e:  # the worker died or its node went away: recompute its slots elsewhere
+                self.fail_worker(ws, jobs[i], type(e).__name__, size, crash_epoch=epoch)
+                submit(i, avoid=ws)
+                continue
+            except RayError as e:
                 self.fail_worker(ws, jobs[i], type(e).__name__, size)
                 submit(i, avoid=ws)
                 continue
@@ -351,7 +430,7 @@ class Engine:
 
     def evaluate(self, weights_ref, split: str, step: int, n_tasks: int) -> list[dict]:
         """Per-task metrics of ``n_tasks`` episodes (eval seed, ``step``, slot) of ``split``, in slot order."""
-        jobs = split_slots(range(n_tasks), 4 * len(self.alive()))  # smaller jobs balance uneven workers
+        jobs = split_slots(range(n_tasks), 4 * len(self.workers))  # smaller jobs balance uneven workers
         done = self.dispatch(jobs, lambda h, job: h.evaluate.remote(weights_ref, split, step, job))
         return sorted((row for _, rows, _ in done for row in rows), key=lambda r: r["slot"])
 

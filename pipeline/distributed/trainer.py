@@ -161,7 +161,10 @@ class Trainer:
             submission += 1
             version, ref = self.engine.get_weights()
             meta_ref, grad_ref = self.engine.submit(ws, submission, version, ref, [list(range(per_push))])
-            in_flight[meta_ref] = (ws, grad_ref, time.perf_counter())
+            in_flight[meta_ref] = (ws, grad_ref, time.perf_counter(), ws.crashes)
+
+        def busy() -> set[int]:  # the workers with a push in flight, by identity
+            return {id(w) for w, *_ in in_flight.values()}
 
         for ws in self.engine.alive():
             submit(ws)
@@ -173,7 +176,7 @@ class Trainer:
             if done is None:
                 raise EngineError(f"no worker answered within workers.task_timeout_s = "
                                   f"{cfg.workers.task_timeout_s:g} s")
-            ws, grad_ref, t0 = in_flight.pop(done)
+            ws, grad_ref, t0, epoch = in_flight.pop(done)
             try:
                 meta = self.engine.result(done)
                 applied = self.engine.apply(applied_step + 1, [meta], [grad_ref])
@@ -185,8 +188,9 @@ class Trainer:
                 if not self.engine.ps_alive(timeout=5):  # the parameter server itself is gone: wait for its restart
                     applied_step = self.engine.recover_parameter_server()
                 else:
-                    self.engine.fail_worker(ws, list(range(per_push)), "actor died")
-                submit(ws if ws.alive else self.engine.alive()[0])
+                    self.engine.fail_worker(ws, list(range(per_push)), "actor died", crash_epoch=epoch)
+                idle = [w for w in self.engine.alive() if id(w) not in busy()]
+                submit(ws if ws.in_service else (idle or self.engine.alive())[0])
                 continue
             if applied["applied"]:
                 applied_step += 1
@@ -198,5 +202,7 @@ class Trainer:
                 self.tracker.log_metrics({"ps/stale_dropped": applied["counters"]["stale_dropped"]},
                                          step=applied_step)
             submit(ws)
+            for back in [w for w in self.engine.alive() if id(w) not in busy()]:  # a restarted worker rejoins
+                submit(back)
         self.engine.wait_all(in_flight, timeout=cfg.workers.task_timeout_s)
         return applied_step
