@@ -216,7 +216,7 @@ def cmd_eval(args) -> int:
 
 def cmd_predict(args) -> int:
     from metatrain.pipeline.jobs.predict import predict, write_predictions
-    from metatrain.pipeline.jobs.train import RunError, checkpoint_of
+    from metatrain.pipeline.jobs.runs import RunError, checkpoint_of
     from metatrain.pipeline.tracking import explicit_tracking_uri
 
     uri = explicit_tracking_uri(args.tracking_uri)
@@ -282,11 +282,12 @@ _IO_ADVICE = {errno.ENOSPC: "the disk is full: free space there or pass another 
               errno.ENOENT: "it does not exist"}
 
 
-def io_error_line(e: OSError) -> str:
+def io_error_line(e: OSError, where: str | None = None) -> str:
     """One line for an OSError: the path, the system's reason and what to do. A Ray task's error (the parameter
     server's checkpoint on a full disk) is its worker's OSError, traceback and all, in ``.cause``."""
     e = e.cause if isinstance(getattr(e, "cause", None), OSError) else e
-    path = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None) or "(no path)"
+    path = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None) or \
+        (f"writing under {where}" if where else "(no path)")
     reason = e.strerror or " ".join(str(e).split())[:200]
     advice = _IO_ADVICE.get(e.errno)
     return f"{path}: {reason}" + (f"; {advice}" if advice else "")
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"metatrain: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the machine's fault, not the input's: exit 1
-        print(f"metatrain: error: {io_error_line(e)}", file=sys.stderr)
+        print(f"metatrain: error: {io_error_line(e, getattr(args, 'out', None))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("metatrain: interrupted", file=sys.stderr)

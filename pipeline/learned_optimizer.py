@@ -48,7 +48,7 @@ def _resolve(weights, run: str | None, model: str | None, tracking_uri: str | No
         return dict(loaded), str(path), None
     if weights is not None:
         return dict(weights), "weights", None
-    from metatrain.pipeline.jobs.train import checkpoint_of  # how `metatrain eval` reads runs and the registry
+    from metatrain.pipeline.jobs.runs import checkpoint_of  # how `metatrain eval` reads runs and the registry
 
     state, where = checkpoint_of(run, model, tracking_uri)
     algorithm = state.get("config", {}).get("algorithm", {})

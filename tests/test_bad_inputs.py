@@ -62,7 +62,7 @@ def _copy_run(ctx: dict, mangle: Callable[[Path], None]) -> None:
     """A copy of the trained run (same MLflow run id in its own store) whose checkpoints ``mangle`` damages."""
     from mlflow.tracking import MlflowClient
 
-    from metatrain.pipeline.jobs.train import OUT_TAG
+    from metatrain.pipeline.jobs.runs import OUT_TAG
 
     copy = ctx["TMP"] / "runcopy"
     shutil.copytree(ctx["RUNDIR"], copy)

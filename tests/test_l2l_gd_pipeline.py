@@ -136,9 +136,9 @@ def test_the_packed_step_is_one_optimizer_step():
 
 def test_a_run_of_another_algorithm_is_not_an_optimizer(monkeypatch):
     # the checkpoint a fomaml run stores (its config names the algorithm), as checkpoint_of hands it over
-    import metatrain.pipeline.jobs.train as train_job
+    import metatrain.pipeline.jobs.runs as runs_job
     state = {"params": {"w": torch.zeros(3)}, "config": {"algorithm": {"name": "fomaml"}}}
-    monkeypatch.setattr(train_job, "checkpoint_of", lambda run, model, uri: (state, run or model))
+    monkeypatch.setattr(runs_job, "checkpoint_of", lambda run, model, uri: (state, run or model))
     net = torch.nn.Linear(2, 2)
     with pytest.raises(Exception, match="run: abc trained 'fomaml', not the learned optimizer l2l_gd"):
         LearnedOptimizer(net.parameters(), run="abc")
@@ -195,9 +195,10 @@ def test_l2l_gd_trains_through_metatrain_train_and_is_used_as_an_optimizer(tmp_p
     assert json.loads((tmp_path / "ev" / "eval.json").read_text())["tasks"] == 3
     # predict has nothing to predict with an optimizer: one line, exit 2, nothing written
     capsys.readouterr()
-    preds = tmp_path / "preds.json"
-    assert main(["predict", "--run", run_id, "--tracking-uri", uri, "--support", str(tmp_path),
-                 "--query", str(tmp_path), "--json", str(preds)]) == 2
+    preds, task = tmp_path / "preds.json", tmp_path / "task"
+    task.mkdir()
+    assert main(["predict", "--run", run_id, "--tracking-uri", uri, "--support", str(task),
+                 "--query", str(task), "--json", str(preds)]) == 2
     assert "l2l_gd learns an optimizer, not a classifier" in capsys.readouterr().err and not preds.exists()
     # a checkpoint of another shape: refused with one line, by the CLI and by LearnedOptimizer
     capsys.readouterr()

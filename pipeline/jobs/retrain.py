@@ -142,7 +142,8 @@ def retrain(config: str, name: str, *, budget_steps: int | None = None, override
     from mlflow.tracking import MlflowClient
 
     from metatrain.pipeline.distributed.worker import TaskWorkerCore
-    from metatrain.pipeline.jobs.train import checkpoint_of, train
+    from metatrain.pipeline.jobs.runs import checkpoint_of
+    from metatrain.pipeline.jobs.train import train
 
     uri = explicit_tracking_uri(tracking_uri)
     if not uri:

@@ -199,7 +199,8 @@ def run_study(path: str | Path, *, out: str | None = None, tracking_uri: str | N
     import ray
 
     from metatrain.pipeline.figures import study_figures
-    from metatrain.pipeline.jobs.train import check_out_dir, init_ray
+    from metatrain.pipeline.jobs.runs import check_out_dir
+    from metatrain.pipeline.jobs.train import init_ray
     from metatrain.pipeline.tracking import RunTracker, check_tracking, resolve_tracking_uri
 
     study = load_study(path)

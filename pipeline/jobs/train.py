@@ -32,10 +32,8 @@ import ray
 import torch
 import yaml
 from metatrain.tasks.atomic import atomic_path
-from metatrain.tasks.errors import MetatrainError
-from metatrain.tasks.store import manifest_path
 
-from metatrain.pipeline.checkpoint import latest_checkpoint, load_checkpoint, load_latest, save_checkpoint
+from metatrain.pipeline.checkpoint import load_checkpoint, load_latest, save_checkpoint
 from metatrain.pipeline.components import (
     build_model,
     build_sampler,
@@ -50,6 +48,7 @@ from metatrain.pipeline.distributed.engine import Engine, EngineError, check_res
 from metatrain.pipeline.distributed.trainer import Trainer
 from metatrain.pipeline.distributed.worker import TaskWorkerCore
 from metatrain.pipeline.figures import instance_accuracy_figure, learning_curve_figure
+from metatrain.pipeline.jobs.runs import OUT_TAG, RunError, check_out_dir, checkpoint_of, find_run_out
 from metatrain.pipeline.scores import ci95, metric_label, task_metric
 from metatrain.pipeline.tracking import (
     RunTracker,
@@ -60,13 +59,6 @@ from metatrain.pipeline.tracking import (
     flatten_config,
     resolve_tracking_uri,
 )
-
-OUT_TAG = "metatrain.out_dir"
-
-
-class RunError(MetatrainError):
-    """A run cannot start or continue as asked (unknown --resume run, an occupied --out, ...)."""
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Ray
@@ -219,25 +211,6 @@ def _preflight(cfg: Config, checkpoint_dir: Path | None = None) -> None:
         load_latest(checkpoint_dir, expected_fingerprint=fingerprint(cfg, model))
 
 
-def _find_run_out(run_id: str, tracking_uri: str | None, flag: str = "--resume") -> tuple[Path, str]:
-    """The out folder and tracking URI of an earlier run, from the tracking store (default layout: runs/*/)."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    candidates = ([tracking_uri] if tracking_uri
-                  else [f"sqlite:///{p.resolve()}" for p in sorted(Path("runs").glob("*/mlflow.db"))])
-    for uri in candidates:
-        try:
-            run = MlflowClient(tracking_uri=uri).get_run(run_id)
-        except MlflowException:
-            continue
-        out = run.data.tags.get(OUT_TAG)
-        if out:
-            return Path(out), uri
-    where = tracking_uri or "runs/*/mlflow.db"
-    raise RunError(f"{flag} {run_id}: no such metatrain run in {where} (pass --tracking-uri or --out of the run)")
-
-
 def _sigterm_as_interrupt():
     """Make SIGTERM (a scheduler or `ray job stop`) end the run like Ctrl-C: checkpointed, MLflow status KILLED."""
     import signal
@@ -251,33 +224,6 @@ def _sigterm_as_interrupt():
 
     previous = signal.signal(signal.SIGTERM, handler)
     return lambda: signal.signal(signal.SIGTERM, previous)
-
-
-def check_out_dir(out: Path, resuming: bool = False, evaluating: str | None = None) -> None:
-    """Refuse an --out that is a file, holds a task store, or holds another run's checkpoints (training) or
-    results (``evaluating``: the source of the evaluation about to be written, which may replace its own)."""
-    if out.exists() and not out.is_dir():
-        raise RunError(f"--out {out} is a file; give a folder (created if missing)")
-    above = next((p for p in out.absolute().parents if p.exists()), None)
-    if above is not None and not above.is_dir():
-        raise RunError(f"--out {out}: {above} is a file, so no folder can be made under it")
-    if manifest_path(out).is_file():
-        raise RunError(f"--out {out} holds a prepared task store ({manifest_path(out).name}); choose another folder")
-    ckpt = out / "checkpoints"
-    if evaluating is not None:
-        if ckpt.is_dir():
-            raise RunError(f"--out {out} is a training run's folder; its eval.json and eval_tasks.parquet are that "
-                           "run's: choose a new --out for this evaluation")
-        try:
-            source = json.loads((out / "eval.json").read_text()).get("source") if (out / "eval.json").exists() \
-                else evaluating
-        except (OSError, ValueError, AttributeError):
-            source = "an unreadable eval.json"
-        if source != evaluating:
-            raise RunError(f"--out {out} holds the evaluation of {source}; choose a new --out for this one")
-    elif not resuming and ckpt.is_dir() and latest_checkpoint(ckpt) is not None:
-        raise RunError(f"--out {out} already holds checkpoints of another run; pass --resume RUN_ID to continue it "
-                       f"or choose a new --out")
 
 
 def write_warm_start(cfg: Config, checkpoint_dir: Path, params: dict, source: str) -> None:
@@ -299,6 +245,49 @@ def write_warm_start(cfg: Config, checkpoint_dir: Path, params: dict, source: st
     save_checkpoint(checkpoint_dir, core.state(), keep=cfg.train.keep_checkpoints)
 
 
+def provenance_tags(config_path: str | None) -> dict[str, str]:
+    """The code a run ran, as MLflow's UI shows it ("Source"): the command, the package version and, from a git
+    checkout, its commit."""
+    import importlib.metadata
+    import subprocess
+
+    tags = {"mlflow.source.name": f"metatrain train {config_path or '(defaults)'}", "mlflow.source.type": "LOCAL",
+            "metatrain.version": importlib.metadata.version("metatrain")}
+    try:
+        git = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
+        if git.returncode == 0:
+            tags["mlflow.source.git.commit"] = git.stdout.strip()
+    except (OSError, subprocess.SubprocessError):  # no git, or not a checkout (an installed wheel)
+        pass
+    return tags
+
+
+def log_store_inputs(client, run_id: str, cfg: Config) -> None:
+    """The task store as the run's dataset inputs (its path, each split read, the image shape as the schema, the
+    manifest's sha256 as the digest): a registered model then says which data made it."""
+    import hashlib
+
+    import numpy as np
+    from metatrain.tasks.store import manifest_path
+    from mlflow.data.dataset_source_registry import get_dataset_source_from_json
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.types import Schema, TensorSpec
+
+    store = Path(cfg.data.path).resolve()
+    digest = hashlib.sha256(manifest_path(store).read_bytes()).hexdigest()[:16]
+    schema = Schema([TensorSpec(np.dtype(np.uint8), (-1, *image_shape(cfg)), "image")])
+    inputs = []
+    for context, split in (("training", cfg.data.train_split), ("validation", cfg.data.val_split),
+                           ("test", cfg.data.test_split)):
+        source = get_dataset_source_from_json(json.dumps({"uri": str(store)}), source_type="local")
+        ds = MetaDataset(source, name=f"{cfg.data.dataset}:{split}", digest=digest, schema=schema)
+        # _to_mlflow_entity: what mlflow.log_input does with a dataset, without the fluent API's global active run.
+        inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
+    client.log_inputs(run_id, datasets=inputs)
+
+
 def train(config_path: str | None, overrides: list[str] = (), *, out: str | None = None,
           ray_address: str | None = None, resume: str | None = None, tracking_uri: str | None = None,
           register: str | None = None, quiet: bool = False, warm_start: tuple[dict, str] | None = None,
@@ -310,7 +299,7 @@ def train(config_path: str | None, overrides: list[str] = (), *, out: str | None
     ``handle_signals``: SIGTERM ends the run as KILLED (off where the caller owns the process, e.g. a Ray task).
     """
     if resume:
-        out_dir, found_uri = _find_run_out(resume, explicit_tracking_uri(tracking_uri) or
+        out_dir, found_uri = find_run_out(resume, explicit_tracking_uri(tracking_uri) or
                                            (f"sqlite:///{Path(out).resolve()}/mlflow.db" if out else None))
         tracking_uri = tracking_uri or found_uri
         saved = out_dir / "config.yaml"
@@ -344,8 +333,11 @@ def train(config_path: str | None, overrides: list[str] = (), *, out: str | None
     try:
         tracker.start(flatten_config(cfg.to_dict()),
                       tags={OUT_TAG: str(out_dir.resolve()), "metatrain.algorithm": cfg.algorithm.name,
-                            "metatrain.config": str(config_path or "defaults"), **(tags or {})})
+                            "metatrain.config": str(config_path or "defaults"), **provenance_tags(config_path),
+                            **(tags or {})})
         with tracker:  # FINISHED on success, FAILED on an exception, KILLED on Ctrl-C
+            if cfg.data.has_images and not resume:
+                log_store_inputs(tracker.client, tracker.run_id, cfg)
             (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             tracker.log_artifact(str(out_dir / "config.yaml"))
             engine = Engine(cfg, str((out_dir / "checkpoints").resolve()),
@@ -424,55 +416,6 @@ def model_from_checkpoint(cfg: Config, state: dict) -> torch.nn.Module:
         for k, p in own.items():
             p.copy_(state["params"][k])
     return model
-
-
-CHECKPOINTS = ("final", "best", "latest")
-
-
-def checkpoint_of(run: str | None, model_uri: str | None, tracking_uri: str | None,
-                  which: str | None = None) -> tuple[dict, str]:
-    """(checkpoint state, description naming the file) of ``--run RUN_ID`` or ``--model models:/NAME@ALIAS`` (or
-    /VERSION). A run's ``final`` checkpoint unless ``which`` asks for its ``best`` or ``latest`` (periodic) one: an
-    unfinished run (RUNNING, FAILED, KILLED) has no final one and is refused unless asked."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    if which is not None and which not in CHECKPOINTS:
-        raise RunError(f"--checkpoint must be one of {', '.join(CHECKPOINTS)}, got {which!r}")
-    if run:
-        out_dir, _ = _find_run_out(run, tracking_uri, "--run")
-        ckpt_dir = out_dir / "checkpoints"
-        latest = latest_checkpoint(ckpt_dir) if ckpt_dir.is_dir() else None
-        path = {"final": ckpt_dir / "final.pt", "best": ckpt_dir / "best.pt",
-                "latest": latest or ckpt_dir / "final.pt"}[which or "final"]
-        if not path.is_file():
-            if which is None:
-                newest = f" (newest: {latest.name})" if latest else ""
-                raise RunError(f"--run {run} has not finished: no final checkpoint in {ckpt_dir}; pass --checkpoint "
-                               f"latest{newest} or --checkpoint best to use an unfinished run's weights")
-            raise RunError(f"--run {run}: no {which} checkpoint in {ckpt_dir}")
-        return load_checkpoint(path), f"run {run} ({path})"
-    if which is not None:
-        raise RunError("--checkpoint applies to --run; a registered model is its run's final checkpoint")
-    if not model_uri or not model_uri.startswith("models:/"):
-        raise RunError(f"--model must look like models:/NAME@ALIAS or models:/NAME/VERSION, got {model_uri!r}")
-    client = MlflowClient(tracking_uri=tracking_uri)
-    ref = model_uri[len("models:/"):]
-    try:
-        if "@" in ref:
-            name, alias = ref.split("@", 1)
-            mv = client.get_model_version_by_alias(name, alias)
-        else:
-            name, version = ref.rsplit("/", 1)
-            mv = client.get_model_version(name, version)
-    except (MlflowException, ValueError) as e:
-        raise RunError(f"--model {model_uri}: not found in {tracking_uri} ({str(e).splitlines()[0]})") from None
-    import tempfile
-
-    # The checkpoint logged next to the model is read with weights_only=True; the pickled MLflow model is not
-    # loaded, so a registry entry can never run code on this machine.
-    local = client.download_artifacts(mv.run_id, "checkpoints/final.pt", tempfile.mkdtemp(prefix="metatrain-"))
-    return load_checkpoint(local), f"{model_uri} (run {mv.run_id}, version {mv.version})"
 
 
 def evaluate(run: str | None = None, model_uri: str | None = None, *, tasks: int | None = None,
