@@ -49,11 +49,13 @@ def atomic_path(final: str | os.PathLike, *, durable: bool = False) -> Iterator[
             finally:
                 os.close(fd)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
         try:
             tmp.unlink()
         except OSError:
             pass
+        if isinstance(e, OSError) and e.filename is None:  # a failed write() names no file: name the one we wrote
+            raise OSError(e.errno, e.strerror or str(e), str(final)) from e
         raise
     if durable:
         fsync_dir(final.parent)

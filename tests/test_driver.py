@@ -20,7 +20,8 @@ from mlflow.tracking import MlflowClient
 from metatrain.pipeline.checkpoint import load_checkpoint
 from metatrain.pipeline.config import ConfigError
 from metatrain.pipeline.distributed.engine import Engine
-from metatrain.pipeline.jobs.train import RunError, evaluate, train
+from metatrain.pipeline.jobs.runs import RunError
+from metatrain.pipeline.jobs.train import evaluate, train
 
 pytestmark = pytest.mark.data
 
@@ -79,6 +80,23 @@ def test_fomaml_5w1s_two_workers_learns_and_is_tracked(omniglot_store, tmp_path,
                                                                                       "checkpoints/best.pt"}
     versions = client.search_model_versions("name='omniglot-fomaml'")
     assert len(versions) == 1 and versions[0].run_id == result.run_id
+    # Provenance: the code (package version, the checkout's commit) and the data (the store's splits, digest).
+    import hashlib
+    import importlib.metadata
+    import subprocess
+
+    assert run.data.tags["metatrain.version"] == importlib.metadata.version("metatrain")
+    assert run.data.tags["mlflow.source.name"] == f"metatrain train {CONFIG}"
+    git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert run.data.tags.get("mlflow.source.git.commit") == (git.stdout.strip() if git.returncode == 0 else None)
+    digest = hashlib.sha256((omniglot_store / "_manifest.json").read_bytes()).hexdigest()[:16]
+    inputs = {(d.dataset.name, d.dataset.digest, {t.key: t.value for t in d.tags}["mlflow.data.context"])
+              for d in run.inputs.dataset_inputs}
+    assert inputs == {("omniglot:background/train", digest, "training"), ("omniglot:background/val", digest,
+                      "validation"), ("omniglot:evaluation", digest, "test")}
+    assert json.loads(run.inputs.dataset_inputs[0].dataset.source)["uri"] == str(omniglot_store.resolve())
+    spec = json.loads(run.inputs.dataset_inputs[0].dataset.schema)["mlflow_colspec"][0]["tensor-spec"]
+    assert spec == {"dtype": "uint8", "shape": [-1, 1, 28, 28]}
 
     final = load_checkpoint(out / "checkpoints" / "final.pt")
     assert final["step"] == 100 and final["extra"]["run_id"] == result.run_id
@@ -199,3 +217,63 @@ def test_unknown_resume_run_and_unreachable_tracking_server(omniglot_store, tmp_
     with pytest.raises(TrackingError, match="unreachable"):
         train(CONFIG, [f"data.path={omniglot_store}"], out=str(tmp_path / "r2"), quiet=True,
               tracking_uri="http://127.0.0.1:9")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MiB tmpfs at tmp_path/disk (root only: mount(8)); unmounted afterwards."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root): the full-disk check did not run")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_full_disk_ends_the_run_failed_in_one_line_and_the_run_resumes(omniglot_store, small_disk, tmp_path,
+                                                                          capsys):
+    """Checkpoints on a disk that fills mid-run: exit 1 with one line naming the path, the run FAILED, every
+    checkpoint on disk whole (no temporary file left), and --resume finishes the run once there is space again."""
+    import threading
+    import time
+
+    from metatrain.pipeline.cli import main
+
+    out, uri = small_disk / "run", f"sqlite:///{tmp_path}/mlflow.db"  # the store off the small disk: it records
+    filler = small_disk / "filler"
+
+    def fill_after_checkpoint_2():
+        while not (out / "checkpoints" / "ckpt-00000002.pt").exists():
+            time.sleep(0.02)
+        try:
+            with open(filler, "wb") as f:
+                while True:
+                    f.write(b"\0" * (1 << 20))
+        except OSError:
+            pass
+
+    sets = [x for o in quick(omniglot_store, "train.steps=60", "train.checkpoint_every=1",
+                             "train.keep_checkpoints=3", "tracking.system_metrics=false") for x in ("--set", o)]
+    thread = threading.Thread(target=fill_after_checkpoint_2, daemon=True)
+    thread.start()
+    capsys.readouterr()
+    code = main(["train", CONFIG, *sets, "--out", str(out), "--tracking-uri", uri, "--quiet"])
+    thread.join(timeout=60)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("metatrain: error: ")]
+    assert code == 1, err[-3000:]
+    assert len(errors) == 1 and "No space left on device" in errors[0] and "the disk is full" in errors[0], err
+    assert str(small_disk) in errors[0] and "Traceback" not in err
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("metatrain").experiment_id])
+    assert run.info.status == "FAILED" and "No space left" in run.data.tags["error"]
+    kept = sorted((out / "checkpoints").glob("*.pt"))
+    assert kept and not [p for p in (out / "checkpoints").iterdir() if ".tmp-" in p.name]
+    for path in kept:
+        load_checkpoint(path)
+    filler.unlink()
+    assert main(["train", "--resume", run.info.run_id, "--out", str(out), "--tracking-uri", uri, "--quiet"]) == 0
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    assert load_checkpoint(out / "checkpoints" / "final.pt")["step"] == 60

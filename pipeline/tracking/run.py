@@ -44,8 +44,11 @@ class Journal:
         self.path, self._file = path, open(path, "a", encoding="utf-8")
 
     def append(self, entries: list) -> None:
-        self._file.write("".join(map(_line, entries)))
-        self._file.flush()  # to the OS: a killed process loses nothing written
+        try:
+            self._file.write("".join(map(_line, entries)))
+            self._file.flush()  # to the OS: a killed process loses nothing written
+        except OSError as e:  # a full disk, say: name the journal
+            raise OSError(e.errno, e.strerror or str(e), str(self.path)) from e
 
     def read(self) -> tuple[list, list]:
         """(metrics, tags); a line torn by a crash is skipped."""
