@@ -1,5 +1,5 @@
 """The run's and the study's plots, as matplotlib ``Figure`` objects built directly: no pyplot, no global backend
-switch, no display needed, nothing to close. The tracker logs them (``RunTracker.log_figure``)."""
+switch, no display needed, nothing to close. The jobs save them as PNGs and log those."""
 
 from __future__ import annotations
 

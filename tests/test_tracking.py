@@ -508,7 +508,7 @@ def test_check_tracking_local_stores(tmp_path):
     with pytest.raises(TrackingError, match="cannot create folder"):
         check_tracking(f"sqlite:///{tmp_path}/afile/mlflow.db")
     (tmp_path / "notdb.db").write_text("this is not sqlite")
-    with pytest.raises(TrackingError, match=r"notdb.db is not an SQLite database"):
+    with pytest.raises(TrackingError, match=r"notdb.db is unusable \(.*file is not a database"):
         check_tracking(f"sqlite:///{tmp_path}/notdb.db")
     with pytest.raises(TrackingError, match="unusable"):
         check_tracking("nosuchscheme://x/y", timeout_s=5)
@@ -545,8 +545,9 @@ def test_artifacts_upload_in_background_even_if_the_source_is_gone(uri, tmp_path
     (folder / "deep").mkdir(parents=True)
     (folder / "deep" / "a.txt").write_text("a")
     t.log_artifact(folder, "episodes")
-    t.log_figure(learning_curve_figure([{"step": 0, "train/loss": 1.0}, {"step": 1, "train/loss": 0.5}]),
-                 "plots/curve.png")
+    learning_curve_figure([{"step": 0, "train/loss": 1.0}, {"step": 1, "train/loss": 0.5}]).savefig(
+        tmp_path / "curve.png")
+    t.log_artifact(tmp_path / "curve.png", "plots")
     assert t.end() == []
     c = MlflowClient(uri)
     files = {a.path for d in ("", "checkpoints", "plots", "episodes/samples/deep")
@@ -573,10 +574,11 @@ def test_a_failed_upload_is_kept_and_reported(uri, tmp_path, monkeypatch, capsys
     failed = t.end()
     assert failed == ["sub/never.txt"]
     assert [a.path for a in MlflowClient(uri).list_artifacts(t.run_id)] == ["fine.txt"]
-    assert (tmp_path / "spill" / "unuploaded" / "sub" / "never.txt").read_text() == "lost?"
-    assert [p.name for p in (tmp_path / "spill").iterdir()] == ["unuploaded"]  # staging and journal cleaned up
+    assert (tmp_path / "never.txt").read_text() == "lost?"  # the local file is the copy: never moved or removed
+    assert list((tmp_path / "spill").iterdir()) == []  # the journal, all delivered, is gone
     err = capsys.readouterr().err
-    assert "could not upload artifact sub/never.txt (ConnectionError: artifact store down)" in err
+    assert (f"could not upload artifact sub/never.txt (ConnectionError: artifact store down); it stays at "
+            f"{(tmp_path / 'never.txt').resolve()}") in err
     assert MlflowClient(uri).get_run(t.run_id).info.status == "FINISHED"
 
 

@@ -375,15 +375,13 @@ def train(config_path: str | None, overrides: list[str] = (), *, out: str | None
             for path in (js, pqf, final, out_dir / "checkpoints" / "best.pt"):
                 if Path(path).is_file():
                     tracker.log_artifact(str(path), "checkpoints" if str(path).endswith(".pt") else None)
-            fig = learning_curve_figure(trainer.history)
-            tracker.log_figure(fig, "learning_curve.png")
-            fig.savefig(out_dir / "learning_curve.png", dpi=100)
+            learning_curve_figure(trainer.history).savefig(out_dir / "learning_curve.png", dpi=100)
+            tracker.log_artifact(out_dir / "learning_curve.png")
             if "instance_accuracy" in summary:
                 for k, v in summary["instance_accuracy"].items():
                     tracker.log_metrics({f"test/inst{k}_acc": v}, step=last)
-                fig = instance_accuracy_figure(summary)
-                tracker.log_figure(fig, "instance_accuracy.png")
-                fig.savefig(out_dir / "instance_accuracy.png", dpi=100)
+                instance_accuracy_figure(summary).savefig(out_dir / "instance_accuracy.png", dpi=100)
+                tracker.log_artifact(out_dir / "instance_accuracy.png")
             model = model_from_checkpoint(cfg, load_checkpoint(final))
             if cfg.algorithm.record.serve is not None:  # what serving takes (l2l_gd: one packed optimizer step)
                 model = cfg.algorithm.record.serve(model)

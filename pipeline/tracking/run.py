@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -13,14 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from metatrain.pipeline.tracking.redact import (
-    MAX_TAG_VALUE_LENGTH,
-    clean_key,
-    one_line,
-    param_value,
-    redact_uri,
-    warn,
-)
+from metatrain.pipeline.tracking.redact import MAX_TAG_VALUE_LENGTH, clean_key, one_line, param_value, redact_uri, warn
 from metatrain.pipeline.tracking.store import TrackingError, artifact_location, check_tracking, scheme_of
 
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch
@@ -30,7 +23,7 @@ _DATA_ERRORS = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "MALFORMED_REQUEST"}  
 
 
 def _line(m) -> str:
-    """A journal line: a metric, or (``key`` None) a tag."""
+    """A journal line: a metric, or (no ``step``) a tag."""
     return json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}
                       if hasattr(m, "step") else {"tag": m.key, "value": m.value}) + "\n"
 
@@ -41,12 +34,12 @@ class Journal:
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.path, self._file = path, open(path, "a", encoding="utf-8")
+        self.path, self.file = path, open(path, "a", encoding="utf-8")
 
     def append(self, entries: list) -> None:
         try:
-            self._file.write("".join(map(_line, entries)))
-            self._file.flush()  # to the OS: a killed process loses nothing written
+            self.file.write("".join(map(_line, entries)))
+            self.file.flush()  # to the OS: a killed process loses nothing written
         except OSError as e:  # a full disk, say: name the journal
             raise OSError(e.errno, e.strerror or str(e), str(self.path)) from e
 
@@ -56,28 +49,15 @@ class Journal:
 
         metrics, tags = [], []
         for text in self.path.read_text(encoding="utf-8").splitlines():
-            try:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
                 r = json.loads(text)
                 (tags.append(RunTag(r["tag"], r["value"])) if "tag" in r else
                  metrics.append(Metric(r["key"], float(r["value"]), int(r["timestamp"]), int(r["step"]))))
-            except (ValueError, KeyError, TypeError):
-                continue
         return metrics, tags
 
     def cut(self) -> None:
-        self._file.seek(0)
-        self._file.truncate()
-
-    def close(self, keep: bool) -> None:
-        self._file.close()
-        if not keep:
-            self.path.unlink(missing_ok=True)
-
-
-def _torch_release() -> str:
-    import torch
-
-    return torch.__version__.split("+")[0]  # 2.14.1+cu130 -> 2.14.1: the PyPI release
+        self.file.seek(0)
+        self.file.truncate()
 
 
 def _send(client, run_id: str, metrics: list, tags: list) -> int:
@@ -102,7 +82,7 @@ class RunTracker:
     ``run_id`` resumes that run (status back to RUNNING; a param whose value changed stays -- MLflow params are
     immutable -- and the new value goes to the tag ``resume/changed_param/<key>``). ``artifact_root`` is where a
     *new* experiment on a local store keeps artifacts (default: ``mlartifacts/`` beside an SQLite database).
-    ``spill_dir`` holds the journal and what failed to upload (default: a folder in the system temp dir).
+    ``spill_dir`` holds the journal (default: a folder in the system temp dir).
     """
 
     MAX_PENDING = 1000  # batches handed to MLflow between two flushes before log_metrics flushes itself
@@ -111,108 +91,111 @@ class RunTracker:
                  run_name: str | None = None, artifact_root: str | os.PathLike | None = None,
                  system_metrics: bool = True, *, system_metrics_interval_s: float | None = None,
                  spill_dir: str | os.PathLike | None = None):
-        self.uri, self.experiment, self.run_name, self._resume_id = uri, experiment, run_name, run_id
-        self.artifact_root = artifact_root
-        self.system_metrics, self.system_metrics_interval_s = system_metrics, system_metrics_interval_s
+        self.uri, self.experiment, self.run_name, self.run_id = uri, experiment, run_name, run_id
+        self.artifact_root, self.system_metrics = artifact_root, system_metrics
+        self.system_metrics_interval_s = system_metrics_interval_s
         self.spill_dir = Path(spill_dir) if spill_dir else Path(tempfile.gettempdir()) / "metatrain-spill"
-        self.client = None
-        self.run_id = self.experiment_id = None
+        self.client = self.experiment_id = self._journal = self._monitor = None
         self.resumed = self._started = self._ended = False
         self.rejected = 0  # values the store refused (bad value or key) or that were not numbers
+        self.failed: list[str] = []  # artifacts that could not be uploaded
         self._lock = threading.RLock()  # the journal and the pending operations below
         self._ops: list = []  # MLflow's futures for the batches handed to its async queue since the last flush
         self._dirty = False  # a batch failed: the next flush resends the journal
         self._down_since: float | None = None
-        self._journal = self._monitor = None
-        self._failed: list[str] = []  # artifacts that could not be uploaded
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self, params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None) -> RunTracker:
         """Create (or resume) the run and log ``params`` and ``tags``; TrackingError if that fails."""
         from mlflow.entities import Param, RunTag
-        from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
         if self._started:
             raise RuntimeError("RunTracker.start() called twice")
         if scheme_of(self.uri) in ("http", "https"):
             check_tracking(self.uri)  # seconds, not MLflow's minutes of retries, to find a wrong URI
-        self.client = c = MlflowClient(tracking_uri=self.uri)
+        self.client, resume_id, self.run_id = MlflowClient(tracking_uri=self.uri), self.run_id, None
         tags = {clean_key(k): param_value(str(k), v, MAX_TAG_VALUE_LENGTH) for k, v in (tags or {}).items()}
         params = {clean_key(k): param_value(str(k), v) for k, v in (params or {}).items()}
         try:
-            if self._resume_id:
-                try:
-                    run = c.get_run(self._resume_id)
-                except MlflowException as e:
-                    if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-                        raise TrackingError(f"unknown MLflow run {self._resume_id} in {redact_uri(self.uri)}") \
-                            from None
-                    raise
-                self.run_id, self.resumed, old = run.info.run_id, True, run.data.params
-                c.update_run(self.run_id, status="RUNNING")
-                tags["metatrain.resume_count"] = str(int(run.data.tags.get("metatrain.resume_count", 0)) + 1)
-                for k in [k for k in params if k in old and old[k] != params[k]]:
-                    warn(f"param {k!r} changed on resume ({old[k][:80]!r} -> {params[k][:80]!r}); the run keeps "
-                          f"the old value and records the new one in tag {CHANGED_PARAM_TAG}{k}")
-                    tags[f"{CHANGED_PARAM_TAG}{k}"] = params.pop(k)
-                params = {k: v for k, v in params.items() if k not in old}
-            else:
-                try:
-                    exp = c.get_experiment_by_name(self.experiment)
-                    exp_id = exp.experiment_id if exp else c.create_experiment(
-                        self.experiment, artifact_location=artifact_location(self.uri, self.artifact_root))
-                except MlflowException as e:  # study cells in parallel: another one created it first
-                    if e.error_code != "RESOURCE_ALREADY_EXISTS":
-                        raise
-                    exp_id = c.get_experiment_by_name(self.experiment).experiment_id
-                self.run_id = c.create_run(exp_id, run_name=self.run_name).info.run_id
-            c.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items()],
-                        tags=[RunTag(k, v) for k, v in tags.items()])
-            self.experiment_id = c.get_run(self.run_id).info.experiment_id
+            params = self._reopen(resume_id, params, tags) if resume_id else self._create(params)
+            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items()],
+                                  tags=[RunTag(k, v) for k, v in tags.items()])
+            self.experiment_id = self.client.get_run(self.run_id).info.experiment_id
         except BaseException as e:
             if self.run_id is not None:  # never leave a half-started run RUNNING
-                try:
-                    c.set_terminated(self.run_id, status="FAILED")
-                except Exception:
-                    pass
+                with contextlib.suppress(Exception):
+                    self.client.set_terminated(self.run_id, status="FAILED")
             if isinstance(e, TrackingError) or not isinstance(e, Exception):
                 raise
             raise TrackingError(f"could not start an MLflow run in {redact_uri(self.uri)} ({one_line(e, 200)})") \
                 from e
         self._started = True
-        self.spill_dir.mkdir(parents=True, exist_ok=True)
         self._journal = Journal(self.spill_dir / f"journal-{self.run_id}.jsonl")
         self._start_monitor()
         atexit.register(self._atexit)
         return self
+
+    def _create(self, params: dict) -> dict:
+        from mlflow.exceptions import MlflowException
+
+        c = self.client
+        try:
+            exp = c.get_experiment_by_name(self.experiment)
+            exp_id = exp.experiment_id if exp else c.create_experiment(
+                self.experiment, artifact_location=artifact_location(self.uri, self.artifact_root))
+        except MlflowException as e:  # study cells in parallel: another one created it first
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            exp_id = c.get_experiment_by_name(self.experiment).experiment_id
+        self.run_id = c.create_run(exp_id, run_name=self.run_name).info.run_id
+        return params
+
+    def _reopen(self, run_id: str, params: dict, tags: dict) -> dict:
+        """Back to RUNNING; returns the params the run lacks (a changed one goes to a tag in ``tags``)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException as e:
+            if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
+            raise TrackingError(f"unknown MLflow run {run_id} in {redact_uri(self.uri)}") from None
+        self.run_id, self.resumed, old = run.info.run_id, True, run.data.params
+        self.client.update_run(self.run_id, status="RUNNING")
+        tags["metatrain.resume_count"] = str(int(run.data.tags.get("metatrain.resume_count", 0)) + 1)
+        for k in [k for k in params if k in old and old[k] != params[k]]:
+            warn(f"param {k!r} changed on resume ({old[k][:80]!r} -> {params[k][:80]!r}); the run keeps the old "
+                 f"value and records the new one in tag {CHANGED_PARAM_TAG}{k}")
+            tags[f"{CHANGED_PARAM_TAG}{k}"] = params.pop(k)
+        return {k: v for k, v in params.items() if k not in old}
 
     def end(self, status: str = "FINISHED") -> list[str]:
         """Stop system metrics, flush, mark the run ``status``; returns the artifacts that failed to upload.
         Idempotent; never raises because of the store: what it could not take stays in the journal."""
         if status not in RUN_STATUSES:
             raise ValueError(f"status must be one of {', '.join(RUN_STATUSES)}, not {status!r}")
-        if not self._started or self._ended:
-            return list(self._failed)
-        self._ended = True
-        atexit.unregister(self._atexit)
-        if self._monitor is not None:
-            self._monitor.finish()
-        delivered = self.flush()
-        with self._lock:
-            self._journal.close(keep=not delivered)
-            if not delivered:
+        if self._started and not self._ended:
+            self._ended = True
+            atexit.unregister(self._atexit)
+            if self._monitor is not None:
+                self._monitor.finish()
+            delivered = self.flush()
+            self._journal.file.close()
+            if delivered:
+                self._journal.path.unlink(missing_ok=True)
+            else:
                 warn(f"metrics of MLflow run {self.run_id} could not all be sent; saved to {self._journal.path} "
-                      "and resent when the run is resumed with the same spill folder")
-        if self.rejected:
-            warn(f"{self.rejected} metric or tag values were skipped in run {self.run_id}")
-        try:
-            self.client.set_terminated(self.run_id, status=status)
-        except Exception as e:
-            warn(f"could not mark MLflow run {self.run_id} {status} ({one_line(e, 200)}); it may show RUNNING "
-                  "until the store is back (then: mlflow runs set-terminated ...)")
-        return list(self._failed)
+                     "and resent when the run is resumed with the same spill folder")
+            if self.rejected:
+                warn(f"{self.rejected} metric or tag values were skipped in run {self.run_id}")
+            try:
+                self.client.set_terminated(self.run_id, status=status)
+            except Exception as e:
+                warn(f"could not mark MLflow run {self.run_id} {status} ({one_line(e, 200)}); it may show RUNNING "
+                     "until the store is back (then: mlflow runs set-terminated ...)")
+        return list(self.failed)
 
     def _atexit(self) -> None:
         self.set_tags({"error": "the process exited without ending the run"})
@@ -249,6 +232,8 @@ class RunTracker:
 
     def _hand_over(self, metrics: list = (), tags: list = ()) -> None:
         """Journal, then give to MLflow's async queue; the future is checked at the next flush."""
+        if not self._started or self._ended:
+            raise RuntimeError("RunTracker: logging outside start() ... end()")
         if not (metrics or tags):
             return
         with self._lock:
@@ -261,8 +246,6 @@ class RunTracker:
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
         from mlflow.entities import Metric
 
-        if not self._started or self._ended:
-            raise RuntimeError("RunTracker.log_metrics() outside start() ... end()")
         now, batch = int(time.time() * 1000), []
         for k, v in metrics.items():
             try:
@@ -278,47 +261,51 @@ class RunTracker:
         self._hand_over(tags=[RunTag(clean_key(k), param_value(str(k), v, MAX_TAG_VALUE_LENGTH))
                               for k, v in tags.items()])
 
-    def _harvest(self) -> None:
+    def flush(self) -> bool:
+        """Wait for MLflow's queue; resend from the journal what it failed to deliver. True if all is in the store."""
+        with self._lock:
+            return self._sync() is not None
+
+    def replay_journal(self) -> int:
+        """On resume: send what the journal holds and the store does not (a killed session's); how many metrics."""
+        with self._lock:
+            self._dirty = True
+            n = self._sync(raise_down=True)
+            if n:
+                warn(f"resending {n} metrics that an earlier session of run {self.run_id} logged but had not sent")
+            return n or 0
+
+    def _sync(self, raise_down: bool = False) -> int | None:
+        """Harvest MLflow's futures, resend the journal if anything failed, cut it: how many metrics were resent
+        (None if the store is down: then the journal is kept)."""
         ops, self._ops = self._ops, []
         for op in ops:
             try:
                 op.wait()
             except Exception:  # MLflow already logged it; the journal still holds the batch
                 self._dirty = True
-
-    def flush(self) -> bool:
-        """Wait for MLflow's queue; resend from the journal what it failed to deliver. True if all is in the store."""
-        with self._lock:
-            self._harvest()
-            if self._dirty or self._down_since is not None:
-                try:
-                    sent = self._resend()
-                except Exception as e:
-                    if self._down_since is None:
-                        self._down_since = time.monotonic()
-                        warn(f"MLflow tracking unavailable ({one_line(e, 200)}); training continues, metrics are "
-                              f"kept in {self._journal.path} and resent once the store is back")
-                    return False
-                if self._down_since is not None:
-                    warn(f"MLflow tracking recovered after {time.monotonic() - self._down_since:.0f} s: "
-                          f"{sent} buffered metrics sent")
-                    self._down_since = None
-                    if self._monitor is not None and not self._ended:  # MLflow's stops for good on a failed call
-                        self._monitor.finish()
-                        self._start_monitor()
-                self._dirty = False
-            self._journal.cut()
-            return True
-
-    def replay_journal(self) -> int:
-        """On resume: send what the journal holds and the store does not (a killed session's); how many metrics."""
-        with self._lock:
-            self._harvest()
-            n = self._resend()
-            if n:
-                warn(f"resending {n} metrics that an earlier session of run {self.run_id} logged but had not sent")
-            self._journal.cut()
-            return n
+        sent = 0
+        if self._dirty or self._down_since is not None:
+            try:
+                sent = self._resend()
+            except Exception as e:
+                if self._down_since is None:
+                    self._down_since = time.monotonic()
+                    warn(f"MLflow tracking unavailable ({one_line(e, 200)}); training continues, metrics are kept "
+                         f"in {self._journal.path} and resent once the store is back")
+                if raise_down:
+                    raise
+                return None
+            if self._down_since is not None:
+                warn(f"MLflow tracking recovered after {time.monotonic() - self._down_since:.0f} s: {sent} buffered "
+                     "metrics sent")
+                self._down_since = None
+                if self._monitor is not None and not self._ended:  # MLflow's stops for good on a failed call
+                    self._monitor.finish()
+                    self._start_monitor()
+            self._dirty = False
+        self._journal.cut()
+        return sent
 
     def _resend(self) -> int:
         """Send the journal's metrics the store lacks (same key, step, timestamp) and its tags, synchronously."""
@@ -335,18 +322,9 @@ class RunTracker:
         """The highest step of any of ``keys`` in the store (0 if none): a resumed trainer logs only later steps."""
         return max((h.step for k in keys for h in self.client.get_metric_history(self.run_id, k)), default=0)
 
-    # ------------------------------------------------------------------ artifacts and models
-
-    def _keep(self, name: str, error: Exception, write) -> None:
-        keep = self.spill_dir / "unuploaded" / name
-        keep.parent.mkdir(parents=True, exist_ok=True)
-        write(keep)
-        self._failed.append(name)
-        warn(f"could not upload artifact {name} ({one_line(error, 200)}); kept at {keep}")
-
     def log_artifact(self, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        """Upload a file or a folder now; if that fails (after MLflow's HTTP retries): a warning, a copy kept
-        under ``<spill_dir>/unuploaded/`` and its name in ``end()``'s list -- training goes on."""
+        """Upload a file or a folder now. If that fails (after MLflow's HTTP retries), training goes on: a warning
+        names the local copy, which stays where it is, and ``end()`` lists it."""
         src = Path(local_path)
         name = f"{artifact_path}/{src.name}" if artifact_path else src.name
         try:
@@ -355,14 +333,10 @@ class RunTracker:
             else:
                 self.client.log_artifact(self.run_id, str(src), artifact_path)
         except Exception as e:
-            self._keep(name, e, lambda dst: shutil.copytree(src, dst) if src.is_dir() else shutil.copy2(src, dst))
+            self.failed.append(name)
+            warn(f"could not upload artifact {name} ({one_line(e, 200)}); it stays at {src.resolve()}")
 
-    def log_figure(self, fig, artifact_file: str) -> None:
-        try:
-            self.client.log_figure(self.run_id, fig, artifact_file)
-        except Exception as e:
-            self._keep(artifact_file, e, lambda dst: fig.savefig(dst, dpi=100))
-
+    # TEMPORARY (moves to the serving module)
     def log_model(self, model, registered_name: str | None = None, **kw) -> str | None:
         """``mlflow.pytorch.log_model`` into this run (and registered as ``registered_name``); the model URI.
 
@@ -375,7 +349,8 @@ class RunTracker:
         kw.setdefault("serialization_format", "pt2" if kw.get("input_example") is not None else "pickle")
         # Named, not inferred: MLflow's inference loads the model in a fresh interpreter (~10 s a model here) to
         # list imports; a pt2 program needs only torch, and MLflow to serve it.
-        kw.setdefault("pip_requirements", [f"torch=={_torch_release()}", f"mlflow=={mlflow.__version__}"])
+        torch_release = __import__("torch").__version__.split("+")[0]
+        kw.setdefault("pip_requirements", [f"torch=={torch_release}", f"mlflow=={mlflow.__version__}"])
         env, previous = os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri()
         explicit = mlflow.is_tracking_uri_set() and previous != env  # a URI set in-process, not taken from $ENV
         try:
@@ -387,7 +362,7 @@ class RunTracker:
             return mlflow.pytorch.log_model(model, name="model", model_id=model_id, run_id=self.run_id,
                                             registered_model_name=registered_name, **kw).model_uri
         except Exception as e:
-            self._failed.append("model")
+            self.failed.append("model")
             warn(f"could not log the model to MLflow ({one_line(e, 200)})")
             return None
         finally:

@@ -30,45 +30,36 @@ def default_artifact_root(out_dir: str | os.PathLike) -> str:
     return str(Path(out_dir).resolve() / "mlartifacts")
 
 
+def scheme_of(uri: str) -> str:
+    return urllib.parse.urlsplit(uri).scheme.lower() if "://" in uri or uri.startswith("file:") else ""
+
+
+def _local_folder(uri: str) -> Path | None:
+    """The folder a local store lives in (an SQLite file's, a ``file:`` store's own), None for a server or DB."""
+    scheme = scheme_of(uri)
+    if scheme == "sqlite":  # sqlite:///rel.db -> "rel.db"; sqlite:////abs.db -> "/abs.db"
+        path = uri[len("sqlite:///"):].split("?", 1)[0]
+        return None if path in ("", ":memory:") else Path(urllib.parse.unquote(path)).parent
+    if scheme == "file" or (scheme == "" and not uri.startswith("databricks")):
+        return Path(urllib.parse.unquote(urllib.parse.urlsplit(uri).path)) if scheme else Path(uri)
+    return None
+
+
 def artifact_location(uri: str, artifact_root: str | os.PathLike | None = None) -> str | None:
     """Where a new experiment keeps its artifacts: None on a server (it decides); else ``artifact_root``, else
     ``mlartifacts/`` beside an SQLite database (else in the current folder)."""
     if scheme_of(uri) in ("http", "https") or uri.startswith("databricks"):
         return None
-    db = _sqlite_path(uri) if scheme_of(uri) == "sqlite" else None
-    root = str(artifact_root or (db.resolve().parent if db else Path.cwd()) / "mlartifacts")
+    db = _local_folder(uri) if scheme_of(uri) == "sqlite" else None
+    root = str(artifact_root or (db.resolve() if db else Path.cwd()) / "mlartifacts")
     return root if "://" in root else Path(root).resolve().as_uri()
-
-
-def scheme_of(uri: str) -> str:
-    return urllib.parse.urlsplit(uri).scheme.lower() if "://" in uri or uri.startswith("file:") else ""
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    rest = uri[len("sqlite://"):]  # sqlite:///rel.db -> "rel.db"; sqlite:////abs.db -> "/abs.db"
-    path = (rest[1:] if rest.startswith("/") else rest).split("?", 1)[0]
-    return None if path in ("", ":memory:") else Path(urllib.parse.unquote(path))
-
-
-def _writable_dir(folder: Path, uri: str) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise TrackingError(f"cannot create folder {folder} for the MLflow store {redact_uri(uri)} "
-                            f"({e.strerror or e})") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise TrackingError(f"folder {folder} is not writable; cannot hold the MLflow store {redact_uri(uri)}")
 
 
 def _probe_http(uri: str, timeout_s: float) -> None:
     import requests  # MLflow's HTTP client; it sends a URL's user:password as Basic auth (a proxy may want it)
 
+    status = requests.get(uri.rstrip("/") + "/health", timeout=timeout_s).status_code
     shown = redact_uri(uri)
-    try:
-        status = requests.get(uri.rstrip("/") + "/health", timeout=timeout_s).status_code
-    except requests.RequestException as e:
-        raise TrackingError(f"MLflow tracking server at {shown} is unreachable ({one_line(e, 200)}); "
-                            "start it or pass --tracking-uri") from None
     if status in (401, 403):
         raise TrackingError(f"MLflow tracking server at {shown} refused the credentials (HTTP {status}); set "
                             "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN")
@@ -82,33 +73,29 @@ def _probe_http(uri: str, timeout_s: float) -> None:
 
 def check_tracking(uri: str, timeout_s: float = 5.0) -> None:
     """Raise TrackingError (one line, URI redacted) if the store ``uri`` cannot be used: a server's ``/health``
-    within ``timeout_s``; an SQLite file's folder writable and the file a database; a ``file:`` folder writable;
-    anything else one ``search_experiments`` call."""
-    scheme, shown = scheme_of(uri), redact_uri(uri)
-    if scheme == "sqlite":
-        db = _sqlite_path(uri)
-        if db is not None:
-            _writable_dir(db.parent, uri)
-            if db.exists():
-                with open(db, "rb") as f:
-                    head = f.read(16)
-                if head and head != b"SQLite format 3\x00":
-                    raise TrackingError(f"MLflow store {shown}: {db} is not an SQLite database")
-                if not os.access(db, os.W_OK):
-                    raise TrackingError(f"MLflow store {shown}: {db} is not writable")
-        return
-    if scheme == "file" or (scheme == "" and not uri.startswith("databricks")):
-        _writable_dir(Path(urllib.parse.unquote(urllib.parse.urlsplit(uri).path)) if scheme else Path(uri), uri)
-        return
+    within ``timeout_s`` (MLflow's client would retry for minutes); a local store's folder made and writable, and the
+    store opened by MLflow's client (an SQLite file that is not a database fails here, not mid-run)."""
     from mlflow.tracking import MlflowClient
 
+    shown, folder = redact_uri(uri), _local_folder(uri)
+    if folder is not None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TrackingError(f"cannot create folder {folder} for the MLflow store {shown} ({e.strerror or e})") \
+                from None
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise TrackingError(f"folder {folder} is not writable; cannot hold the MLflow store {shown}")
+        if scheme_of(uri) != "sqlite":
+            return  # a file store is made on first write; MLflow 3 deprecates opening it
+    http = scheme_of(uri) in ("http", "https")
     try:
-        if scheme in ("http", "https"):
+        if http:
             _probe_http(uri, timeout_s)
-        else:  # postgresql://, databricks, ...: MLflow's own client, which names what is wrong
+        else:  # sqlite (made and migrated here, as the run would), postgresql://, databricks, ...
             MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except TrackingError:
         raise
     except Exception as e:
-        raise TrackingError(f"MLflow tracking store {shown} is unusable ({one_line(e, 200)}); "
-                            "fix it or pass --tracking-uri") from None
+        what, fix = (f"server at {shown} is unreachable", "start") if http else (f"store {shown} is unusable", "fix")
+        raise TrackingError(f"MLflow tracking {what} ({one_line(e, 200)}); {fix} it or pass --tracking-uri") from None
