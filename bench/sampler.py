@@ -1,4 +1,5 @@
-"""Data-path benchmark: episodes/s of the EpisodeSampler on one core, prepare time, store size.
+"""Data-path benchmark: episodes/s of the EpisodeSampler on one core, prepare time, store size, and the cost of
+within-alphabet episodes and of augmentation per episode.
 
     python bench/sampler.py [--source ../shared/data/omniglot] [--seconds 2]
 
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from metatrain.tasks.augment import Affine  # noqa: E402
 from metatrain.tasks.prepare import prepare_omniglot  # noqa: E402
 from metatrain.tasks.samplers import EpisodeSampler, episode_rng  # noqa: E402
 from metatrain.tasks.store import TaskStore  # noqa: E402
@@ -92,6 +94,16 @@ def main() -> None:
             r_peer = rate(peer.episode, args.seconds)
             print(f"| {ways}w{shots}s{queries}q | {r_ours:,.0f} | {r_peer:,.0f} | {r_ours / r_peer:.1f}x | "
                   f"{1000 / r_ours:.2f} |")
+        # What data.augment (Koch et al.'s distortions, torchvision's affine per image) and data.within_alphabet
+        # add to a training episode, against the plain sampler in the same run.
+        print()
+        print("| episode | plain ms | within-alphabet ms | augmented ms (p = 0.5) | augmented ms (p = 1) |")
+        print("|---|---:|---:|---:|---:|")
+        for ways, shots, queries in SHAPES:
+            kw = dict(ways=ways, shots=shots, queries=queries, split="background")
+            ms = [1000 / rate(EpisodeSampler(store, **kw, **extra).episode, args.seconds)
+                  for extra in ({}, {"within_alphabet": True}, {"augment": Affine()}, {"augment": Affine(p=1.0)})]
+            print(f"| {ways}w{shots}s{queries}q | " + " | ".join(f"{m:.2f}" for m in ms) + " |")
 
 
 if __name__ == "__main__":

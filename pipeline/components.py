@@ -53,11 +53,11 @@ def build_sampler(cfg: Config, store: TaskStore | None, split: str):
     if split != "train" and d.rotations == "on":
         rotations = None  # "on" asks for training augmentation; held-out splits follow their default (off)
     ways = d.ways if split == "train" else d.test_ways
+    common = {"split": name, "rotations": rotations, "seed": seed, "split_seed": d.split_seed,
+              "within_alphabet": d.within_alphabet, "augment": d.affine() if split == "train" else None}
     if cfg.sequence_episodes:
-        return SequenceEpisodeSampler(store, classes=d.ways, instances=d.instances, split=name, rotations=rotations,
-                                      seed=seed, split_seed=d.split_seed)
-    return EpisodeSampler(store, ways=ways, shots=d.shots, queries=d.queries, split=name, rotations=rotations,
-                          seed=seed, split_seed=d.split_seed)
+        return SequenceEpisodeSampler(store, classes=d.ways, instances=d.instances, **common)
+    return EpisodeSampler(store, ways=ways, shots=d.shots, queries=d.queries, **common)
 
 
 def image_shape(cfg: Config) -> tuple[int, int, int] | None:

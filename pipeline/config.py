@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from metatrain.tasks.augment import Affine
 from metatrain.tasks.optimizees import ACTIVATIONS, MLP_SOURCES, OPTIMIZEE_FAMILIES
 
 from metatrain.pipeline.algorithms import algorithm_names, get_record
@@ -61,11 +62,40 @@ class DataConfig:
     """Rotations as new classes on the training split: auto = on for training splits (background, */train)."""
     split_seed: int = 0
     """Seed of the shuffled class splits (maml/*, vinyals/*, background/*); not the training seed."""
+    within_alphabet: bool = False
+    """Each episode's classes from one alphabet, chosen per episode (Lake et al.'s one-shot protocol), on every
+    split; alphabets with fewer classes than the episode's ways (x4 with rotations) are skipped (eval.json lists
+    the test split's)."""
+    augment: bool = False
+    """Koch et al.'s affine distortions of every training image (tasks/augment.py); never validation or test."""
+    augment_rotation: float = 10.0
+    """augment: rotation bound, degrees (U(-r, r))."""
+    augment_shear: float = 0.3
+    """augment: shear factor bound along x and y."""
+    augment_scale: float = 0.2
+    """augment: scale drawn from U(1 - s, 1 + s)."""
+    augment_translate: float = 2.0
+    """augment: translation bound along x and y, pixels."""
+    augment_p: float = 0.5
+    """augment: probability of each component (rotation, shear, scale, translation)."""
 
     def __post_init__(self):
         for name in ("ways", "shots", "queries", "instances"):
             _require(getattr(self, name) >= 1, f"data.{name}", f"must be >= 1, got {getattr(self, name)}")
         _require(self.eval_ways is None or self.eval_ways >= 1, "data.eval_ways", f"must be >= 1, got {self.eval_ways}")
+        for name in ("augment_rotation", "augment_shear", "augment_scale", "augment_translate"):
+            v = getattr(self, name)
+            _require(math.isfinite(v) and v >= 0, f"data.{name}", f"must be a finite number >= 0, got {v}")
+        _require(self.augment_scale < 1, "data.augment_scale", f"must be < 1, got {self.augment_scale}")
+        _require(0 <= self.augment_p <= 1, "data.augment_p", f"must be in [0, 1], got {self.augment_p}")
+        for name in ("within_alphabet", "augment"):
+            _require(not getattr(self, name) or self.has_images, f"data.{name}",
+                     f"needs image episodes; data.dataset={self.dataset} has none")
+
+    def affine(self) -> Affine | None:
+        """The training images' distortion (None: data.augment off)."""
+        return Affine(self.augment_rotation, self.augment_shear, self.augment_scale, self.augment_translate,
+                      self.augment_p) if self.augment else None
 
     @property
     def test_ways(self) -> int:

@@ -122,6 +122,8 @@ def _coerce(value: Any, hint, where: str) -> Any:
             raise ConfigError(f"{where} must be a list of {len(args)} values, got {shown(value)}")
         return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if origin is Literal:
+        if isinstance(value, bool) and ("on" if value else "off") in typing.get_args(hint):
+            return "on" if value else "off"  # YAML 1.1 (PyYAML) reads a bare on/off as true/false
         if value in typing.get_args(hint):
             return value
         hint_txt = did_you_mean(value, typing.get_args(hint), ignore_case=True) if len(str(value)) < 100 else ""

@@ -22,6 +22,7 @@ import zlib
 
 import numpy as np
 import torch
+from metatrain.tasks.augment import Affine
 from metatrain.tasks.episode import Episode, SequenceEpisode
 from metatrain.tasks.errors import EpisodeError
 from metatrain.tasks.sources import unit_pixels
@@ -52,8 +53,8 @@ class _ClassPool:
     """The classes of a split, optionally x4 by rotation; draws classes and drawings for one episode."""
 
     def __init__(self, store: TaskStore, split: str, rotations: bool | None, split_seed: int, per_class: int,
-                 per_class_field: str):
-        self.store = store
+                 per_class_field: str, augment: Affine | None = None):
+        self.store, self.augment = store, augment
         self.split = split
         self.rotations = is_training_split(split) if rotations is None else bool(rotations)
         self.base = torch.from_numpy(resolve_split(store, split, split_seed))
@@ -67,15 +68,37 @@ class _ClassPool:
         self.offsets = store.class_offsets[self.base]
         self.sizes = sizes
         self.uniform = bool((sizes == sizes[0]).all())
+        self.groups: list[np.ndarray] | None = None  # within_alphabet(): each alphabet's pool indices
+        self.skipped: dict[str, int] = {}
 
     def check_ways(self, field: str, ways: int) -> None:
         if ways > self.size:
             rot = " with rotations" if self.rotations else ""
             raise EpisodeError(f"{field} = {ways} exceeds the {self.size} classes of split {self.split!r}{rot}")
 
+    def within_alphabet(self, field: str, ways: int) -> None:
+        """Draw every episode's classes from one alphabet (Lake et al.'s one-shot protocol), the alphabet chosen
+        uniformly per episode. Alphabets with fewer than ``ways`` classes (x4 with rotations) are skipped and
+        listed in ``skipped``; none large enough is an error naming ``field``."""
+        names = np.array([self.store.class_names[int(c)].split("/")[0] if "/" in self.store.class_names[int(c)]
+                          else "" for c in self.base])
+        index = np.arange(self.size).reshape(len(self.base), self.turns)  # pool index = position * turns + turn
+        groups = {a: index[names == a].ravel() for a in dict.fromkeys(names)}
+        self.groups = [g for g in groups.values() if len(g) >= ways]
+        self.skipped = {a: len(g) for a, g in groups.items() if len(g) < ways}
+        if not self.groups:
+            rot = " with rotations" if self.rotations else ""
+            raise EpisodeError(f"{field} = {ways} with data.within_alphabet: no alphabet of split {self.split!r} has "
+                               f"that many classes{rot} (the largest has {max(map(len, groups.values()))})")
+
     def draw(self, rng: np.random.Generator, ways: int, per_class: int):
         """(classes, rotations, rows): store class ids (ways,), quarter turns (ways,), image rows (ways, per_class)."""
-        pick = torch.from_numpy(rng.choice(self.size, ways, replace=False))  # random order = random label order
+        if self.groups is None:
+            pick = rng.choice(self.size, ways, replace=False)  # random order = random label order
+        else:
+            group = self.groups[int(rng.integers(len(self.groups)))]
+            pick = group[rng.choice(len(group), ways, replace=False)]
+        pick = torch.from_numpy(pick)
         pos, turns = pick // self.turns, pick % self.turns
         n = self.sizes[pos]
         width = int(n.max())
@@ -85,15 +108,21 @@ class _ClassPool:
         drawings = keys.argsort(dim=1)[:, :per_class]
         return self.base[pos], turns, self.offsets[pos, None] + drawings
 
-    def pixels(self, rows: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
-        """Images of ``rows`` (ways, m) as float32 in [0, 1], each class rotated by its quarter turns."""
+    def pixels(self, rows: torch.Tensor, turns: torch.Tensor, key: tuple[int, int, int]) -> torch.Tensor:
+        """Images of ``rows`` (ways, m) as float32 in [0, 1], each class rotated by its quarter turns, then each
+        image distorted (``augment``) by a generator of the episode's ``key`` of its own: the classes and drawings
+        of an episode are the same with augmentation on or off."""
         x = self.store.images[rows]  # (ways, m, C, H, W) uint8
         if self.rotations:
             for k in (1, 2, 3):
                 sel = turns == k
                 if bool(sel.any()):
                     x[sel] = torch.rot90(x[sel], k, dims=(-2, -1))
-        return unit_pixels(x)
+        x = unit_pixels(x)
+        if self.augment is not None:
+            rng = episode_rng(key[0], _stream("augment", self.split), key[1], key[2])
+            x = self.augment.apply(x.flatten(0, 1), rng).view_as(x)
+        return x
 
 
 class EpisodeSampler:
@@ -101,16 +130,21 @@ class EpisodeSampler:
 
     Support and query are grouped by label (``support_y = [0]*K + [1]*K + ...``); the mapping of labels to classes
     is a fresh random permutation per episode. Rotations (when on) make each (class, quarter turn) a class of its own.
+    ``within_alphabet`` draws each episode's classes from one alphabet; ``augment`` distorts every image.
     """
 
     def __init__(self, store: TaskStore, *, ways: int, shots: int, queries: int, split: str,
-                 rotations: bool | None = None, seed: int = 0, split_seed: int = 0):
+                 rotations: bool | None = None, seed: int = 0, split_seed: int = 0, within_alphabet: bool = False,
+                 augment: Affine | None = None):
         self.ways = _positive_int("ways", ways)
         self.shots = _positive_int("shots", shots)
         self.queries = _positive_int("queries", queries)
         self.seed = seed
-        self.pool = _ClassPool(store, split, rotations, split_seed, self.shots + self.queries, "shots + queries")
+        self.pool = _ClassPool(store, split, rotations, split_seed, self.shots + self.queries, "shots + queries",
+                               augment)
         self.pool.check_ways("ways", self.ways)
+        if within_alphabet:
+            self.pool.within_alphabet("ways", self.ways)
         self.stream = _stream("episode", split)
         episode_rng(seed, self.stream, 0, 0)  # validates seed now rather than at the first episode
 
@@ -122,7 +156,7 @@ class EpisodeSampler:
     def episode(self, step: int, slot: int) -> Episode:
         rng = episode_rng(self.seed, self.stream, step, slot)
         classes, turns, rows = self.pool.draw(rng, self.ways, self.shots + self.queries)
-        x = self.pool.pixels(rows, turns)
+        x = self.pool.pixels(rows, turns, (self.seed, step, slot))
         k, q = self.shots, self.queries
         shape = x.shape[2:]
         labels = torch.arange(self.ways)
@@ -144,12 +178,15 @@ class SequenceEpisodeSampler:
     """Santoro et al. (2016) episodes: ``classes`` x ``instances`` images shuffled into one labelled sequence."""
 
     def __init__(self, store: TaskStore, *, classes: int = 5, instances: int = 10, split: str,
-                 rotations: bool | None = None, seed: int = 0, split_seed: int = 0):
+                 rotations: bool | None = None, seed: int = 0, split_seed: int = 0, within_alphabet: bool = False,
+                 augment: Affine | None = None):
         self.classes = _positive_int("classes", classes)
         self.instances = _positive_int("instances", instances)
         self.seed = seed
-        self.pool = _ClassPool(store, split, rotations, split_seed, self.instances, "instances")
+        self.pool = _ClassPool(store, split, rotations, split_seed, self.instances, "instances", augment)
         self.pool.check_ways("classes", self.classes)
+        if within_alphabet:
+            self.pool.within_alphabet("classes", self.classes)
         self.stream = _stream("sequence", split)
         episode_rng(seed, self.stream, 0, 0)
 
@@ -157,7 +194,7 @@ class SequenceEpisodeSampler:
         rng = episode_rng(self.seed, self.stream, step, slot)
         n, m = self.classes, self.instances
         classes, turns, rows = self.pool.draw(rng, n, m)
-        x = self.pool.pixels(rows, turns).reshape(n * m, *self.pool.store.images.shape[1:])
+        x = self.pool.pixels(rows, turns, (self.seed, step, slot)).reshape(n * m, *self.pool.store.images.shape[1:])
         order = torch.from_numpy(rng.permutation(n * m))
         x = x[order]
         y = torch.arange(n).repeat_interleave(m)[order]

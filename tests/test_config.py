@@ -89,3 +89,26 @@ def test_bad_files(tmp_path):
     nested.write_text("train:\n  steps: 5\n")
     with pytest.raises(ConfigError, match="invalid --set 'train.steps.x=1': train.steps is not a section"):
         load_config(nested, ["train.steps.x=1"])
+
+
+def test_bare_on_and_off_mean_the_words_where_a_field_takes_them(tmp_path):
+    # PyYAML reads a bare on/off as true/false; a field whose choices are the words gets the words back.
+    assert load_config(None, ["data.rotations=off"]).data.rotations == "off"
+    (tmp_path / "c.yaml").write_text("data:\n  rotations: on\n")
+    assert load_config(tmp_path / "c.yaml").data.rotations == "on"
+    with pytest.raises(ConfigError, match="data.within_alphabet must be bool"):
+        load_config(None, ["data.within_alphabet=sometimes"])
+
+
+def test_augmentation_and_within_alphabet_fields():
+    cfg = load_config(None, ["data.augment=true", "data.augment_rotation=5", "data.within_alphabet=true"])
+    aug = cfg.data.affine()
+    assert (aug.rotation, aug.shear, aug.scale, aug.translate, aug.p) == (5.0, 0.3, 0.2, 2.0, 0.5)
+    assert load_config(None, []).data.affine() is None and not load_config(None, []).data.within_alphabet
+    for override, message in (("data.augment_scale=1.0", "data.augment_scale must be < 1"),
+                              ("data.augment_rotation=-1", "data.augment_rotation must be a finite number >= 0"),
+                              ("data.augment_p=2", r"data.augment_p must be in \[0, 1\], got 2")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [override])
+    with pytest.raises(ConfigError, match="data.augment needs image episodes; data.dataset=sinusoid has none"):
+        load_config(REPO / "configs" / "sinusoid_maml.yaml", ["data.augment=true"])

@@ -199,3 +199,122 @@ def test_sinusoid_tasks():
     assert amps.min() < 0.5 and amps.max() > 4.5
     with pytest.raises(EpisodeError, match="amplitude must be an interval"):
         SinusoidSampler(amplitude=(5.0, 0.1))
+
+
+# --------------------------------------------------------------------------------------------------- within alphabets
+
+
+def _alphabet(store, c: int) -> str:
+    return store.class_names[c].split("/")[0]
+
+
+def test_within_alphabet_episodes_draw_every_class_from_one_alphabet(store):
+    s = EpisodeSampler(store, ways=20, shots=1, queries=1, split="evaluation", within_alphabet=True, seed=5)
+    seen = set()
+    for slot in range(40):
+        ep = s.episode(step=3, slot=slot)
+        alphabets = {_alphabet(store, c) for c in ep.classes.tolist()}
+        assert len(alphabets) == 1 and len(set(ep.classes.tolist())) == 20
+        seen |= alphabets
+    assert len(seen) >= 10  # the alphabet is chosen per episode, not fixed (20 evaluation alphabets)
+    again = EpisodeSampler(store, ways=20, shots=1, queries=1, split="evaluation", within_alphabet=True, seed=5)
+    assert _digest(again.episode(3, 7)) == _digest(s.episode(3, 7))  # a pure function of (seed, step, slot)
+    assert s.pool.skipped == {}  # the smallest evaluation alphabet has 20 characters
+
+
+def test_within_alphabet_with_rotations_keeps_turns_and_skips_small_alphabets(store):
+    train = EpisodeSampler(store, ways=60, shots=1, queries=1, split="background", within_alphabet=True)
+    assert train.pool.rotations
+    # 14-character alphabets x 4 turns = 56 classes < 60: skipped and named, the others drawn from.
+    assert train.pool.skipped and all(n < 60 for n in train.pool.skipped.values())
+    ep = train.episode(0, 0)
+    assert len({_alphabet(store, c) for c in ep.classes.tolist()}) == 1
+    assert _alphabet(store, int(ep.classes[0])) not in train.pool.skipped
+    pairs = set(zip(ep.classes.tolist(), ep.rotations.tolist()))
+    assert len(pairs) == 60  # distinct (character, turn) classes
+
+
+def test_within_alphabet_refuses_ways_no_alphabet_has(store):
+    with pytest.raises(EpisodeError, match=r"ways = 60 with data.within_alphabet: no alphabet of split "
+                                           r"'evaluation' has that many classes \(the largest has 47\)"):
+        EpisodeSampler(store, ways=60, shots=1, queries=1, split="evaluation", within_alphabet=True)
+
+
+def test_within_alphabet_sequences(store):
+    s = SequenceEpisodeSampler(store, classes=5, instances=3, split="evaluation", within_alphabet=True)
+    ep = s.episode(1, 2)
+    assert len({_alphabet(store, c) for c in ep.classes.tolist()}) == 1
+
+
+# --------------------------------------------------------------------------------------------------- augmentation
+
+
+def test_augmentation_keeps_the_episode_and_distorts_each_image_deterministically(store):
+    from metatrain.tasks.augment import Affine
+
+    plain = EpisodeSampler(store, ways=5, shots=1, queries=5, split="background", seed=2)
+    aug = EpisodeSampler(store, ways=5, shots=1, queries=5, split="background", seed=2, augment=Affine(p=1.0))
+    a, b = plain.episode(4, 1), aug.episode(4, 1)
+    assert torch.equal(a.classes, b.classes) and torch.equal(a.rotations, b.rotations)  # same classes, drawings
+    assert torch.equal(a.support_y, b.support_y)
+    changed = (a.query_x - b.query_x).flatten(1).abs().amax(1) > 0
+    assert bool(changed.all())  # p = 1: every image distorted
+    assert 0.0 <= float(b.query_x.min()) and float(b.query_x.max()) <= 1.0
+    assert _digest(aug.episode(4, 1)) == _digest(b)  # same key, same distortion
+    assert _digest(aug.episode(4, 2)) != _digest(aug.episode(4, 1))
+    zero = EpisodeSampler(store, ways=5, shots=1, queries=5, split="background", seed=2,
+                          augment=Affine(rotation=0, shear=0, scale=0, translate=0))
+    assert _digest(zero.episode(4, 1)) == _digest(a)  # zero strength: the identity, exactly
+
+
+def test_affine_parameters_respect_their_bounds_and_probability():
+    from metatrain.tasks.augment import Affine
+
+    aug = Affine(rotation=10, shear=0.3, scale=0.2, translate=2, p=0.5)
+    params = aug.draw(np.random.default_rng(0), 20_000)
+    angle, sx, sy, scale, tx, ty = params.T
+    assert np.abs(angle).max() <= 10 and np.abs(sx).max() <= 0.3 and np.abs(sy).max() <= 0.3
+    assert 0.8 <= scale.min() and scale.max() <= 1.2 and np.abs(np.r_[tx, ty]).max() <= 2
+    for applied in (angle != 0, sx != 0, scale != 1, tx != 0):
+        assert abs(applied.mean() - 0.5) < 0.02  # each component with probability p
+    assert ((sx != 0) == (sy != 0)).all() and ((tx != 0) == (ty != 0)).all()  # x and y share one coin
+    with pytest.raises(EpisodeError, match="augment scale must be < 1"):
+        Affine(scale=1.0)
+    with pytest.raises(EpisodeError, match="augment p must be in"):
+        Affine(p=1.5)
+
+
+def test_a_translation_moves_the_image_by_whole_pixels():
+    from metatrain.tasks.augment import Affine
+
+    x = torch.zeros(1, 1, 9, 9)
+    x[0, 0, 4, 4] = 1.0
+    aug = Affine(rotation=0, shear=0, scale=0, translate=2, p=1.0)
+    params = aug.draw(np.random.default_rng(1), 1)
+    tx, ty = params[0, 4:]
+    moved = aug.apply(x, np.random.default_rng(1))
+    # Bilinear: the dot's mass is kept (nothing crosses the border) and its centre moves by (tx, ty).
+    ys, xs = torch.meshgrid(torch.arange(9.0), torch.arange(9.0), indexing="ij")
+    mass = moved[0, 0].sum()
+    assert abs(float(mass) - 1.0) < 1e-5
+    assert abs(float((moved[0, 0] * xs).sum() / mass) - (4 + tx)) < 1e-4
+    assert abs(float((moved[0, 0] * ys).sum() / mass) - (4 + ty)) < 1e-4
+
+
+def test_the_run_augments_training_episodes_only_and_names_skipped_alphabets(omniglot_store):
+    from metatrain.pipeline.components import build_sampler, open_store
+    from metatrain.pipeline.config import load_config
+    from metatrain.pipeline.jobs.train import summarize
+
+    cfg = load_config(None, [f"data.path={omniglot_store}", "data.augment=true", "data.within_alphabet=true",
+                             "data.ways=20", "data.val_split=evaluation", "data.test_split=background",
+                             "data.rotations=off"])
+    store = open_store(cfg)
+    samplers = {split: build_sampler(cfg, store, split) for split in ("train", "val", "test")}
+    assert samplers["train"].pool.augment == cfg.data.affine() is not None
+    assert samplers["val"].pool.augment is None and samplers["test"].pool.augment is None
+    summary = summarize([{"query_acc": 1.0}, {"query_acc": 0.5}], cfg, cfg.data.test_split)
+    # 20-way within alphabets of the background split without rotations: the 14- to 19-character alphabets skipped.
+    assert summary["within_alphabet"] is True and summary["alphabets_skipped"]
+    assert all(n < 20 for n in summary["alphabets_skipped"].values())
+    assert summary["alphabets_skipped"] == samplers["test"].pool.skipped

@@ -155,6 +155,9 @@ def summarize(rows: list[dict], cfg: Config, split: str, extra: dict | None = No
     if cfg.algorithm.record.reads_query_bn:
         # 'support': queries normalised with the support set's statistics; 'batch': with their own (transductive).
         out["query_bn"] = cfg.algorithm.query_bn
+    if cfg.data.within_alphabet:  # Lake et al.'s protocol: say so, and which alphabets were too small to draw from
+        sampler = build_sampler(cfg, open_store(cfg), "test" if split == cfg.data.test_split else "val")
+        out.update(within_alphabet=True, alphabets_skipped=sampler.pool.skipped)
     return out | (extra or {})
 
 
