@@ -169,6 +169,10 @@ class SiameseNetwork(nn.Module):
         """Logit of p(same class) for every pair: ``(n, d)``, ``(m, d)`` -> ``(n, m)``."""
         return self.score((a.unsqueeze(1) - b.unsqueeze(0)).abs()).squeeze(-1)
 
+    def pair_logit(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Logit of p(same class) of each row's pair: ``(n, d)``, ``(n, d)`` -> ``(n,)``."""
+        return self.score((a - b).abs()).squeeze(-1)
+
     def reset_parameters(self) -> None:
         self.embed.reset_parameters()
         self.score.reset_parameters()

@@ -13,7 +13,7 @@ import torch
 from metatrain.models import Conv4, FewShotModel, SinusoidMLP
 from metatrain.tasks.errors import DataError
 from metatrain.tasks.optimizees import WindowedSampler, make_optimizee_sampler
-from metatrain.tasks.samplers import EpisodeSampler, SequenceEpisodeSampler, SinusoidSampler
+from metatrain.tasks.samplers import EpisodeSampler, PairSampler, SequenceEpisodeSampler, SinusoidSampler
 from metatrain.tasks.store import TaskStore, read_manifest
 
 from metatrain.pipeline.algorithms import get_algorithm
@@ -54,7 +54,11 @@ def build_sampler(cfg: Config, store: TaskStore | None, split: str):
         rotations = None  # "on" asks for training augmentation; held-out splits follow their default (off)
     ways = d.ways if split == "train" else d.test_ways
     common = {"split": name, "rotations": rotations, "seed": seed, "split_seed": d.split_seed,
-              "within_alphabet": d.within_alphabet, "augment": d.affine() if split == "train" else None}
+              "augment": d.affine() if split == "train" else None}
+    a = cfg.algorithm
+    if split == "train" and a.verification:  # pairs within and across alphabets by their own share
+        return PairSampler(store, pairs=a.verification_pairs, within=a.verification_within, **common)
+    common["within_alphabet"] = d.within_alphabet
     if cfg.sequence_episodes:
         return SequenceEpisodeSampler(store, classes=d.ways, instances=d.instances, **common)
     return EpisodeSampler(store, ways=ways, shots=d.shots, queries=d.queries, **common)

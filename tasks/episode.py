@@ -17,6 +17,9 @@ class Episode:
     ``classes`` holds the store's class ids behind labels ``0..ways-1`` (empty for regression), ``rotations`` the
     quarter turns applied to each class, ``task_params`` what defines a regression task (sinusoids: amplitude,
     phase). A stacked batch of episodes has one more leading dimension everywhere.
+
+    ``pairs``: a verification task (Koch et al.) instead: ``support_x[i]`` and ``query_x[i]`` are pair ``i``,
+    ``support_y == query_y`` is 1 where the two show one class, ``classes``/``rotations`` are ``(pairs, 2)``.
     """
 
     support_x: torch.Tensor
@@ -27,6 +30,7 @@ class Episode:
     rotations: torch.Tensor
     key: tuple[int, int, int]
     task_params: torch.Tensor | None = None
+    pairs: bool = False
 
     @property
     def ways(self) -> int:
@@ -36,16 +40,16 @@ class Episode:
         """The same episode with its tensors on ``device`` (non-blocking where the source is pinned)."""
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return Episode(move(self.support_x), move(self.support_y), move(self.query_x), move(self.query_y),
-                       self.classes, self.rotations, self.key, self.task_params)
+                       self.classes, self.rotations, self.key, self.task_params, self.pairs)
 
 
 def stack_episodes(episodes: list[Episode]) -> Episode:
     """Stack same-shaped episodes along a new leading task dimension (for the batched/vmap path)."""
     if not episodes:
         raise ValueError("stack_episodes needs at least one episode")
-    shapes = {(e.support_x.shape, e.query_x.shape) for e in episodes}
+    shapes = {(e.support_x.shape, e.query_x.shape, e.pairs) for e in episodes}
     if len(shapes) != 1:
-        raise ValueError(f"stack_episodes needs same-shaped episodes, got {sorted(map(str, shapes))}")
+        raise ValueError(f"stack_episodes needs same-shaped episodes of one kind, got {sorted(map(str, shapes))}")
     return Episode(
         torch.stack([e.support_x for e in episodes]),
         torch.stack([e.support_y for e in episodes]),
@@ -55,6 +59,7 @@ def stack_episodes(episodes: list[Episode]) -> Episode:
         torch.stack([e.rotations for e in episodes]),
         (-1, -1, -1),
         None if episodes[0].task_params is None else torch.stack([e.task_params for e in episodes]),
+        episodes[0].pairs,
     )
 
 

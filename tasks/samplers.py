@@ -76,14 +76,18 @@ class _ClassPool:
             rot = " with rotations" if self.rotations else ""
             raise EpisodeError(f"{field} = {ways} exceeds the {self.size} classes of split {self.split!r}{rot}")
 
+    def alphabet_groups(self) -> dict[str, np.ndarray]:
+        """Alphabet -> the pool indices of its classes (index = position * turns + turn; "" for a flat folder)."""
+        names = np.array([n.split("/")[0] if "/" in n else "" for n in (self.store.class_names[int(c)]
+                                                                           for c in self.base)])
+        index = np.arange(self.size).reshape(len(self.base), self.turns)
+        return {a: index[names == a].ravel() for a in dict.fromkeys(names)}
+
     def within_alphabet(self, field: str, ways: int) -> None:
         """Draw every episode's classes from one alphabet (Lake et al.'s one-shot protocol), the alphabet chosen
         uniformly per episode. Alphabets with fewer than ``ways`` classes (x4 with rotations) are skipped and
         listed in ``skipped``; none large enough is an error naming ``field``."""
-        names = np.array([self.store.class_names[int(c)].split("/")[0] if "/" in self.store.class_names[int(c)]
-                          else "" for c in self.base])
-        index = np.arange(self.size).reshape(len(self.base), self.turns)  # pool index = position * turns + turn
-        groups = {a: index[names == a].ravel() for a in dict.fromkeys(names)}
+        groups = self.alphabet_groups()
         self.groups = [g for g in groups.values() if len(g) >= ways]
         self.skipped = {a: len(g) for a, g in groups.items() if len(g) < ways}
         if not self.groups:
@@ -169,6 +173,64 @@ class EpisodeSampler:
             rotations=turns,
             key=(int(self.seed), int(step), int(slot)),
         )
+
+    def episodes(self, step: int, slots) -> list[Episode]:
+        return [self.episode(step, s) for s in slots]
+
+
+class PairSampler:
+    """Koch et al.'s (2015) verification tasks: ``pairs`` (left, right) image pairs, half of one class (two distinct
+    drawings) and half of two classes; of the latter a share ``within`` from one alphabet (characters that look
+    alike), the rest from two alphabets. Each task is an :class:`Episode` with ``pairs=True``."""
+
+    def __init__(self, store: TaskStore, *, pairs: int, split: str, within: float = 0.5,
+                 rotations: bool | None = None, seed: int = 0, split_seed: int = 0, augment: Affine | None = None):
+        self.pairs = _positive_int("pairs", pairs)
+        if self.pairs % 2:
+            raise EpisodeError(f"pairs must be even (half same, half different), got {pairs}")
+        if not 0 <= within <= 1:
+            raise EpisodeError(f"within must be in [0, 1] (the share of different pairs from one alphabet), "
+                               f"got {within}")
+        self.within, self.seed = within, seed
+        self.pool = _ClassPool(store, split, rotations, split_seed, 2, "a same pair's two drawings", augment)
+        groups = list(self.pool.alphabet_groups().values())
+        self.alike = [g for g in groups if len(g) >= 2]  # alphabets a within-alphabet pair can come from
+        if len(groups) < 2 or (within > 0 and not self.alike):
+            raise EpisodeError(f"split {split!r} needs two alphabets, and one of two classes or more, for "
+                               f"verification pairs (it has {len(groups)} alphabets)")
+        self.alphabet_of = np.empty(self.pool.size, dtype=np.int64)
+        for i, g in enumerate(groups):
+            self.alphabet_of[g] = i
+        self.stream = _stream("pairs", split)
+        episode_rng(seed, self.stream, 0, 0)
+
+    def _different(self, rng: np.random.Generator) -> tuple[int, int]:
+        if rng.random() < self.within:
+            group = self.alike[int(rng.integers(len(self.alike)))]
+            a, b = rng.choice(len(group), 2, replace=False)
+            return int(group[a]), int(group[b])
+        while True:  # two alphabets: rejection is cheap, an alphabet holds a small share of the classes
+            a, b = rng.choice(self.pool.size, 2, replace=False)
+            if self.alphabet_of[a] != self.alphabet_of[b]:
+                return int(a), int(b)
+
+    def episode(self, step: int, slot: int) -> Episode:
+        rng = episode_rng(self.seed, self.stream, step, slot)
+        half = self.pairs // 2
+        same = rng.choice(self.pool.size, half)  # a class may come twice; its pairs still differ in drawings
+        picks = torch.tensor([(int(c), int(c)) for c in same] + [self._different(rng) for _ in range(half)])
+        pos, turns = picks // self.pool.turns, picks % self.pool.turns
+        n = self.pool.sizes[pos]  # (pairs, 2) drawings per class
+        first = torch.from_numpy(rng.integers(0, n[:, 0].numpy()))
+        # The right image of a same pair is another drawing: an offset of 1..n-1 from the left one.
+        shift = torch.from_numpy(rng.integers(1, n[:half, 1].numpy()))
+        second = torch.cat([(first[:half] + shift) % n[:half, 1],
+                            torch.from_numpy(rng.integers(0, n[half:, 1].numpy()))])
+        rows = self.pool.offsets[pos] + torch.stack([first, second], 1)
+        x = self.pool.pixels(rows, turns, (self.seed, step, slot))
+        target = torch.cat([torch.ones(half, dtype=torch.int64), torch.zeros(half, dtype=torch.int64)])
+        return Episode(x[:, 0], target, x[:, 1], target.clone(), self.pool.base[pos], turns,
+                       (int(self.seed), int(step), int(slot)), pairs=True)
 
     def episodes(self, step: int, slots) -> list[Episode]:
         return [self.episode(step, s) for s in slots]

@@ -133,6 +133,39 @@ def test_siamese_score_is_symmetric_and_predicts_the_best_match():
     assert torch.equal(per_class.argmax(1), best_support_class)
 
 
+def pair_task(slot: int) -> Episode:
+    """A verification task of 6 pairs from a 3-way episode's images: pairs 0-2 one class, 3-5 two classes."""
+    ep = prototype_episode(slot, ways=3, shots=2, queries=2, step=2)
+    left = ep.support_x[[0, 2, 4, 0, 2, 4]]
+    right = torch.cat([ep.support_x[[1, 3, 5]], ep.query_x[[2, 4, 0]]])
+    same = torch.tensor([1, 1, 1, 0, 0, 0])
+    return Episode(left, same, right, same.clone(), torch.zeros(6, 2, dtype=torch.long),
+                   torch.zeros(6, 2, dtype=torch.long), (0, 2, slot), pairs=True)
+
+
+def test_siamese_verification_is_the_bce_of_each_pair_and_batches_exactly():
+    torch.manual_seed(0)
+    net, algo, cfg = SiameseNetwork(hidden=8), get_algorithm("siamese"), AlgorithmConfig(name="siamese",
+                                                                                        verification=True)
+    params, task = params_of(net), pair_task(1)
+    loss, scores = algo.scores(params, task, cfg, net)
+    f = net(torch.cat([task.support_x, task.query_x]))
+    logit = net.score((f[:6] - f[6:]).abs()).squeeze(-1)  # each pair alone, not every cross pair
+    torch.testing.assert_close(loss, F.binary_cross_entropy_with_logits(logit, task.query_y.float()))
+    assert torch.equal(scores.argmax(1), (logit > 0).long())  # "same" exactly where p(same) > 0.5
+    grads, metrics = algo.meta_gradient(params, task, cfg, net)
+    assert metrics["query_acc"] == pytest.approx(float(((logit > 0).long() == task.query_y).float().mean()))
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())
+    tasks = [pair_task(s) for s in range(3)]
+    loop, n, _ = meta_gradient_tasks(params, tasks, cfg, net, batched=False)
+    batch, _, _ = meta_gradient_tasks(params, tasks, cfg, net, batched=True)
+    assert n == 3 and all(torch.allclose(loop[k], batch[k], atol=1e-5) for k in loop)
+    with pytest.raises(ConfigError, match="algorithm.verification: protonet cannot train on same/different pairs"):
+        load_config("configs/omniglot_protonet_5w1s.yaml", ["algorithm.verification=true"])
+    with pytest.raises(ConfigError, match="verification_pairs: must be even"):
+        load_config("configs/omniglot_siamese_5w1s.yaml", ["algorithm.verification_pairs=7"])
+
+
 def test_call_runs_a_method_with_the_given_parameters_not_the_modules():
     torch.manual_seed(0)
     net = SiameseNetwork(hidden=8)
@@ -188,6 +221,8 @@ def test_bad_input_is_named():
     ("matching", ["model.fce=true", "model.fce_read_steps=2", "data.queries=3"]),
     ("relation", ["data.queries=3"]),
     ("siamese", ["data.queries=3"]),
+    ("siamese", ["algorithm.verification=true", "algorithm.verification_pairs=8", "data.augment=true",
+                 "data.queries=3"]),  # Koch et al.'s training: augmented pairs; tested on 5-way episodes
 ])
 def test_each_learner_trains_through_metatrain_train_with_two_workers(ray_module, omniglot_store, tmp_path, name,
                                                                       extra, monkeypatch):

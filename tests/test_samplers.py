@@ -14,7 +14,7 @@ from conftest import REPO, write_tiny_omniglot
 from metatrain.tasks import sources
 from metatrain.tasks.errors import EpisodeError
 from metatrain.tasks.prepare import prepare_omniglot
-from metatrain.tasks.samplers import EpisodeSampler, SequenceEpisodeSampler, SinusoidSampler
+from metatrain.tasks.samplers import EpisodeSampler, PairSampler, SequenceEpisodeSampler, SinusoidSampler
 from metatrain.tasks.sources import unit_pixels
 from metatrain.tasks.splits import resolve_split
 from metatrain.tasks.store import TaskStore
@@ -318,3 +318,32 @@ def test_the_run_augments_training_episodes_only_and_names_skipped_alphabets(omn
     assert summary["within_alphabet"] is True and summary["alphabets_skipped"]
     assert all(n < 20 for n in summary["alphabets_skipped"].values())
     assert summary["alphabets_skipped"] == samplers["test"].pool.skipped
+
+
+# --------------------------------------------------------------------------------------------------- verification pairs
+
+
+def test_verification_pairs_are_balanced_and_drawn_within_and_across_alphabets(store):
+    s = PairSampler(store, pairs=64, split="background", within=0.5, seed=1)
+    within = across = 0
+    for slot in range(20):
+        t = s.episode(step=2, slot=slot)
+        assert t.pairs and t.support_x.shape == t.query_x.shape == (64, 1, 28, 28)
+        assert t.query_y.tolist() == [1] * 32 + [0] * 32 and torch.equal(t.support_y, t.query_y)
+        same, diff = slice(0, 32), slice(32, 64)
+        assert torch.equal(t.classes[same, 0], t.classes[same, 1]) and torch.equal(t.rotations[same, 0],
+                                                                                   t.rotations[same, 1])
+        # Two drawings of one class: never the same image (pixels differ, before any rotation).
+        assert bool(((t.support_x[same] - t.query_x[same]).flatten(1).abs().amax(1) > 0).all())
+        assert bool(((t.classes[diff, 0] != t.classes[diff, 1]) | (t.rotations[diff, 0] != t.rotations[diff, 1]))
+                    .all())
+        for a, b in t.classes[diff].tolist():
+            one = _alphabet(store, a) == _alphabet(store, b)
+            within, across = within + one, across + (not one)
+    assert abs(within / (within + across) - 0.5) < 0.1  # 640 different pairs, half within one alphabet
+    again = PairSampler(store, pairs=64, split="background", within=0.5, seed=1)
+    assert _digest(again.episode(2, 5)) == _digest(s.episode(2, 5))
+    with pytest.raises(EpisodeError, match="pairs must be even"):
+        PairSampler(store, pairs=7, split="background")
+    with pytest.raises(EpisodeError, match="needs two alphabets"):
+        PairSampler(store, pairs=8, split="evaluation:Kannada")

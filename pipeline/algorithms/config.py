@@ -109,17 +109,35 @@ class AlgorithmConfig:
     set, each query scored as if alone) or 'batch' (the query set's own: transductive, as MAML)."""
     check_finite: bool = True
     """Raise NonFiniteGradientError on a NaN/Inf gradient, naming the step and parameter (one sync per task)."""
+    verification: bool = False
+    """siamese: train on Koch et al.'s same/different image pairs instead of episodes (a pair-scoring learner's
+    record allows it); validation and test stay N-way episodes."""
+    verification_pairs: int = 128
+    """verification: pairs per task, half same, half different (Koch et al.'s minibatch: 128)."""
+    verification_within: float = 0.5
+    """verification: share of the different pairs whose two characters come from one alphabet (the rest: two)."""
 
     def __post_init__(self) -> None:
         record = self.record  # an unknown name raises here, naming the field
         for f in ("first_order", "multi_step_loss", "reptile_shuffle", "per_step_bn", "checkpoint_inner",
-                  "check_finite"):
+                  "check_finite", "verification"):
             if not isinstance(getattr(self, f), bool):
                 raise AlgorithmConfigError(f"{f}: must be true or false, got {getattr(self, f)!r}")
         for f in ("inner_steps", "eval_inner_steps", "reptile_batch_size", "support_batch", "lstm_hidden",
-                  "lstm_layers", "unroll", "truncation"):
+                  "lstm_layers", "unroll", "truncation", "verification_pairs"):
             if not isinstance(getattr(self, f), int) or isinstance(getattr(self, f), bool):
                 raise AlgorithmConfigError(f"{f}: must be an integer, got {getattr(self, f)!r}")
+        if self.verification_pairs < 2 or self.verification_pairs % 2:
+            raise AlgorithmConfigError(f"verification_pairs: must be even and >= 2 (half same, half different), "
+                                       f"got {self.verification_pairs}")
+        if not isinstance(self.verification_within, (int, float)) or not 0 <= self.verification_within <= 1:
+            raise AlgorithmConfigError(f"verification_within: must be in [0, 1], got {self.verification_within!r}")
+        if self.verification and not record.verification:
+            from metatrain.pipeline.algorithms import algorithm_names, get_record
+
+            able = [n for n in algorithm_names() if get_record(n).verification]
+            raise AlgorithmConfigError(f"verification: {self.name} cannot train on same/different pairs (it scores "
+                                       f"episodes; pair-scoring learners: {', '.join(able) or 'none'})")
         if not isinstance(self.inner_lr, (int, float)) or isinstance(self.inner_lr, bool) \
                 or not math.isfinite(self.inner_lr) or self.inner_lr <= 0:
             raise AlgorithmConfigError(f"inner_lr: must be a finite number > 0, got {self.inner_lr!r}")

@@ -71,6 +71,8 @@ class AlgorithmRecord:
     optimizee_tasks: bool = False
     """Whether its tasks are optimizee trajectories (``data.dataset`` one of tasks/optimizees.py's families:
     quadratic, mlp) instead of few-shot episodes; they run one at a time (a trajectory is batched over coordinates)."""
+    verification: bool = False
+    """Whether it can train on same/different image pairs (``algorithm.verification``: Koch et al.'s training)."""
     serve: Callable[[Any], Any] | None = None
     """What MLflow logs for serving, made from the trained network (l2l_gd: the optimizer as one packed tensor-in,
     tensor-out step); None: the network itself."""

@@ -88,7 +88,8 @@ def episode_gradient(name: str, scores: Scores, params: Params, episode: Episode
 def unstack(stacked: Episode, keys: Sequence[Key] | None) -> list[Episode]:
     """The episodes of a stack (the batched path runs them one by one: each has its own prototypes/memory)."""
     return [Episode(stacked.support_x[t], stacked.support_y[t], stacked.query_x[t], stacked.query_y[t],
-                    stacked.classes[t], stacked.rotations[t], tuple(keys[t]) if keys else (-1, -1, t))
+                    stacked.classes[t], stacked.rotations[t], tuple(keys[t]) if keys else (-1, -1, t),
+                    pairs=stacked.pairs)
             for t in range(stacked.support_x.shape[0])]
 
 
