@@ -198,14 +198,6 @@ CASES = [
          r"\.parquet fails its sha256 check against .*manifest.json; re-run `metatrain prepare", _corrupt_store),
     Case("data-too-many-ways", "config field", "more ways than the split has classes",
          (*TRAIN, "--set", "data.ways=50"), r"ways = 50 exceeds the \d+ classes of split"),
-    Case("within-alphabet-too-wide", "config field", "within-alphabet episodes wider than every alphabet",
-         (*TRAIN, "--set", "data.within_alphabet=true", "--set", "data.ways=4", "--set", "data.rotations=off",
-          "--set", "data.val_split=background"),
-         r"ways = 4 with data.within_alphabet: no alphabet of split '[^']+' has that many classes \(the largest "
-         r"has \d+\)"),
-    Case("augment-bad-probability", "config field", "an augmentation probability above 1",
-         (*TRAIN, "--set", "data.augment=true", "--set", "data.augment_p=1.5"),
-         r"data.augment_p must be in \[0, 1\], got 1.5"),
     Case("prepare-out-inside-source", "CLI flag", "prepare --out inside its own --source folder",
          ("prepare", "imagefolder", "--source", "TMP/sup", "--out", "TMP/sup/store"),
          r"--out .*sup/store and --source .*sup overlap; write the store outside the source folder", _task()),
@@ -300,6 +292,14 @@ CASES = [
     Case("sample-unknown-split", "CLI flag", "a split name with a typo", ("sample", "--data", "STORE", "--split",
                                                                          "bakground"),
          r"unknown split 'bakground'"),
+    Case("within-alphabet-too-wide", "config field", "within-alphabet episodes wider than every alphabet",
+         (*TRAIN, "--set", "data.within_alphabet=true", "--set", "data.ways=4", "--set", "data.rotations=off",
+          "--set", "data.val_split=background"),
+         r"ways = 4 with data.within_alphabet: no alphabet of split '[^']+' has that many classes \(the largest "
+         r"has \d+\)"),
+    Case("augment-bad-probability", "config field", "an augmentation probability above 1",
+         (*TRAIN, "--set", "data.augment=true", "--set", "data.augment_p=1.5"),
+         r"data.augment_p must be in \[0, 1\], got 1.5"),
 ]
 
 
