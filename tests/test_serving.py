@@ -7,10 +7,8 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -18,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import free_port, wait_until_up
 from mlflow.tracking import MlflowClient
 
 from metatrain.pipeline.cli import main
@@ -68,16 +67,23 @@ def task_rows(support: Path, query: Path) -> list[dict]:
                    for f in sorted(query.iterdir())]
 
 
+def assert_serves_like_predict(model_uri: str, state: dict, omniglot_dir: Path, root: Path) -> None:
+    """The pyfunc at ``model_uri`` labels a 5-way task of files as ``predict`` does with the checkpoint ``state``
+    (the tracking URI from $MLFLOW_TRACKING_URI)."""
+    import mlflow.pyfunc
+
+    from metatrain.pipeline.jobs.predict import predict
+
+    support, query, _ = user_task(omniglot_dir, root)
+    want = {p.file: (p.label, pytest.approx(p.probability, abs=1e-5)) for p in predict(state, support, query)}
+    out = mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame(task_rows(support, query)))
+    assert {r.id: (r.label, r.probability) for r in out.itertuples()} == want
+
+
 def as_json(rows: list[dict]) -> bytes:
     """The HTTP body: MLflow's dataframe_records with the binary column in base64."""
     return json.dumps({"dataframe_records": [{**r, "image": base64.b64encode(r["image"]).decode()}
                                              if isinstance(r.get("image"), bytes) else r for r in rows]}).encode()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(url: str, body: bytes) -> tuple[int, dict]:
@@ -122,16 +128,7 @@ def test_mlflow_models_serve_answers_a_task_with_predicts_labels_and_bad_request
                             stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if urllib.request.urlopen(f"{url}/ping", timeout=2).status == 200:
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow models serve did not start: {log.read_text()[-3000:]}")
-            time.sleep(0.25)
+        wait_until_up(f"{url}/ping", proc, log)
         rows = task_rows(support, query)
         status, body = post(f"{url}/invocations", as_json(rows))
         assert status == 200, body
