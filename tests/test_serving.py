@@ -117,9 +117,14 @@ def bad_requests(rows: list[dict]) -> list[tuple[str, list[dict] | bytes, str]]:
 
 
 @pytest.mark.data
-def test_mlflow_models_serve_answers_a_task_with_predicts_labels_and_bad_requests_with_400(champion, tmp_path):
+def test_mlflow_models_serve_answers_a_task_with_predicts_labels_and_bad_requests_with_400(champion, tmp_path,
+                                                                                          monkeypatch):
+    from mlflow.artifacts import download_artifacts
+
     uri, support, query = champion
     want = cli_predictions(uri, support, query, tmp_path / "pred.json")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    example = Path(download_artifacts(CHAMPION_URI, dst_path=str(tmp_path / "model"))) / "serving_input_example.json"
     port, log, bin_dir = free_port(), tmp_path / "serve.log", Path(sys.executable).parent
     # The environment's bin/ first on PATH, as in an activated one: MLflow starts `uvicorn` by name.
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -146,6 +151,10 @@ def test_mlflow_models_serve_answers_a_task_with_predicts_labels_and_bad_request
         status, body = post(f"{url}/invocations", json.dumps({"dataframe_records": [
             {"role": "query", "image": "%%% not base64 %%%"}]}).encode())
         assert status == 400 and "image" in body["message"] and "Traceback" not in json.dumps(body), body
+        # The request example logged with the model (5 classes, one query) is one the server answers.
+        status, body = post(f"{url}/invocations", example.read_bytes())
+        assert status == 200 and [p["id"] for p in body["predictions"]] == ["query.png"], body
+        assert body["predictions"][0]["label"] in {f"class{k}" for k in range(5)}
     finally:  # the server and its uvicorn worker: the whole process group
         for sig in (signal.SIGTERM, signal.SIGKILL):
             try:

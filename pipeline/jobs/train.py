@@ -407,7 +407,7 @@ def log_run_model(cfg: Config, final: str, dest: ModelDestination) -> str | None
     torch.export program, since an input example makes MLflow save it as pt2: loading either runs no pickle."""
     if cfg.algorithm.record.predict != "none" and cfg.data.has_images:
         return log_classifier(final, dest, invert=store_inverts(cfg), image_shape=image_shape(cfg),
-                              registered_name=cfg.tracking.register)
+                              ways=cfg.data.ways, registered_name=cfg.tracking.register)
     model = model_from_checkpoint(cfg, load_checkpoint(final))
     if cfg.algorithm.record.serve is not None:  # what serving takes (l2l_gd: one packed optimizer step)
         model = cfg.algorithm.record.serve(model)

@@ -43,6 +43,25 @@ SIGNATURE = ModelSignature(
                     ColSpec("double", "probability")]))
 
 
+def example_task(ways: int, side: int = 28) -> pd.DataFrame:
+    """A request of ``ways`` classes (one image each: a stroke in a different place) and one query: the input example
+    MLflow stores beside the model (its ``serving_input_example.json`` shows the request format) and runs through
+    the saved model when logging it."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    def png(k: int) -> bytes:
+        im = Image.new("L", (side, side), 255)
+        ImageDraw.Draw(im).line([(k % side, 0), (side - 1 - k % side, side - 1)], fill=0, width=2)
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        return buf.getvalue()
+
+    rows = [{"role": "support", "label": f"class{k}", "image": png(3 * k), "id": f"class{k}.png"} for k in range(ways)]
+    return pd.DataFrame([*rows, {"role": "query", "label": None, "image": png(1), "id": "query.png"}])
+
+
 class RequestError(MlflowException):
     """A task the model cannot answer: HTTP 400 from the scoring server, its one line in the body."""
 

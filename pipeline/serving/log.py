@@ -86,20 +86,22 @@ def log_torch_model(model, dest: ModelDestination, registered_name: str | None =
 
 
 def log_classifier(checkpoint: str | os.PathLike, dest: ModelDestination, *, invert: bool,
-                   image_shape: tuple[int, int, int], registered_name: str | None = None) -> str | None:
+                   image_shape: tuple[int, int, int], ways: int, registered_name: str | None = None) -> str | None:
     """The few-shot classifier of a checkpoint as an MLflow pyfunc (see :mod:`.fewshot` for its input and output)
     into the run (registered as ``registered_name``); the model URI or None.
 
     The checkpoint travels inside the model as an artifact; ``invert`` and ``image_shape`` (the training store's,
-    which the serving machine need not have) as its model config."""
+    which the serving machine need not have) as its model config. A ``ways``-class example task is logged with it,
+    which MLflow answers with the saved model as a check (a failure is MLflow's warning) and shows as the request
+    format."""
     import mlflow.pyfunc
     from mlflow.models import Model
 
-    from metatrain.pipeline.serving.fewshot import CHECKPOINT, SIGNATURE
+    from metatrain.pipeline.serving.fewshot import CHECKPOINT, SIGNATURE, example_task
 
     return _log(dest, lambda model_id: Model.log(
         artifact_path=None, flavor=mlflow.pyfunc, name="model", model_id=model_id, run_id=dest.run_id,
         registered_model_name=registered_name, python_model=str(MODEL_CODE),
-        artifacts={CHECKPOINT: str(checkpoint)}, signature=SIGNATURE,
+        artifacts={CHECKPOINT: str(checkpoint)}, signature=SIGNATURE, input_example=example_task(ways),
         model_config={"serving": {"invert": bool(invert), "image_shape": list(image_shape)}},
         pip_requirements=_requirements("torch", "torchvision", "pillow", "pandas", "mlflow")))
