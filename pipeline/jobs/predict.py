@@ -12,7 +12,8 @@ embed it, the memory module writes it, MANN reads it as the start of its sequenc
 and a probability (softmax of the class scores; for relation networks the relation score, for Siamese networks the
 best pair's p(same), for the memory module the softmax of the best slot similarity per class).
 
-The checkpoint is loaded with ``torch.load(weights_only=True)`` (never the pickled MLflow model).
+The checkpoint is loaded with ``torch.load(weights_only=True)``. ``Predictor`` (decode -> adapt -> score) is also what
+the served MLflow model runs (``metatrain.pipeline.serving.fewshot``), so both label the same images alike.
 """
 
 from __future__ import annotations
