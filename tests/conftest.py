@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import io
 import os
+import socket
+import subprocess
+import time
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -124,3 +128,23 @@ def ray_module():
 def no_env_tracking(monkeypatch):
     """No $MLFLOW_TRACKING_URI from the caller's shell: each run uses the store its test names."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
+    """Poll ``url`` until it answers 200; the test fails with ``log``'s tail if ``proc`` exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if urllib.request.urlopen(url, timeout=2).status == 200:
+                return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"{' '.join(map(str, proc.args[:3]))} did not start: {log.read_text()[-3000:]}")
+        time.sleep(0.25)

@@ -22,6 +22,7 @@ from metatrain.pipeline.config import ConfigError
 from metatrain.pipeline.distributed.engine import Engine
 from metatrain.pipeline.jobs.runs import RunError
 from metatrain.pipeline.jobs.train import evaluate, train
+from tests.test_serving import assert_serves_like_predict
 
 pytestmark = pytest.mark.data
 
@@ -46,7 +47,7 @@ def quick(store, *extra):
             "train.val_every=0", "train.eval_tasks=20", "train.checkpoint_every=2", *extra]
 
 
-def test_fomaml_5w1s_two_workers_learns_and_is_tracked(omniglot_store, tmp_path, monkeypatch):
+def test_fomaml_5w1s_two_workers_learns_and_is_tracked(omniglot_store, omniglot_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     # A CI-sized run: 32 filters, 5 inner steps of 0.1 (10 at test), 100 steps of 8 tasks (about 30 s here).
     result = train(CONFIG, [f"data.path={omniglot_store}", "model.hidden=32", "algorithm.inner_lr=0.1",
@@ -100,20 +101,9 @@ def test_fomaml_5w1s_two_workers_learns_and_is_tracked(omniglot_store, tmp_path,
 
     final = load_checkpoint(out / "checkpoints" / "final.pt")
     assert final["step"] == 100 and final["extra"]["run_id"] == result.run_id
-    # The logged model (pt2: torch.export, no pickle) computes what the final checkpoint's weights compute.
-    import mlflow.pytorch
-    import numpy as np
-
-    from metatrain.pipeline.components import build_model, image_shape
-    from metatrain.pipeline.config import config_from_dict
-
-    cfg = config_from_dict(final["config"])
-    reference = build_model(cfg, image_shape(cfg))
-    reference.load_state_dict({k: v for k, v in final["params"].items()}, strict=False)
+    # The logged model is the few-shot pyfunc over the final checkpoint: it labels a task as `predict` does.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{out}/mlflow.db")  # not mlflow.set_tracking_uri: global
-    logged = mlflow.pytorch.load_model(run.data.tags["metatrain.model_uri"])
-    x = torch.from_numpy(np.random.default_rng(0).random((5, 1, 28, 28), dtype=np.float32))
-    torch.testing.assert_close(logged(x), reference(x), rtol=1e-4, atol=1e-5)
+    assert_serves_like_predict(run.data.tags["metatrain.model_uri"], final, omniglot_dir, tmp_path / "task")
 
     # `metatrain eval --run` reproduces the test result from the checkpoint alone (same tasks, same numbers: its
     # first 200 tasks are the run's first 200) ...

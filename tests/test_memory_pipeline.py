@@ -7,10 +7,10 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
 from metatrain.pipeline.jobs.train import evaluate, train
+from tests.test_serving import assert_serves_like_predict
 
 pytestmark = [pytest.mark.data, pytest.mark.usefixtures("ray_module", "no_env_tracking")]
 
@@ -19,7 +19,8 @@ SMALL = ["train.steps=4", "train.val_every=2", "train.val_tasks=8", "train.eval_
          "train.checkpoint_every=2", "workers.count=2", "tracking.system_metrics=false"]
 
 
-def test_mann_trains_through_the_parameter_server_and_reports_by_instance(omniglot_store, tmp_path, monkeypatch):
+def test_mann_trains_through_the_parameter_server_and_reports_by_instance(omniglot_store, omniglot_dir, tmp_path,
+                                                                          monkeypatch):
     out = tmp_path / "mann"
     result = train("configs/omniglot_mann_5class.yaml",
                    [f"data.path={omniglot_store}", "model.controller=16", "model.memory_slots=16",
@@ -42,22 +43,12 @@ def test_mann_trains_through_the_parameter_server_and_reports_by_instance(omnigl
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"instance_accuracy.png", "eval.json"} <= artifacts
 
-    # The logged model (pt2: torch.export of the 50-step loop, one input tensor) computes what the checkpoint does.
-    import mlflow.pytorch
-
+    # The logged model is the few-shot pyfunc over the final checkpoint: a task's sequence labelled as `predict` does.
     from metatrain.pipeline.checkpoint import load_checkpoint
-    from metatrain.pipeline.components import build_model, example_input, image_shape
-    from metatrain.pipeline.config import config_from_dict
 
-    final = load_checkpoint(out / "checkpoints" / "final.pt")
-    cfg = config_from_dict(final["config"])
-    reference = build_model(cfg, image_shape(cfg))
-    reference.load_state_dict(final["params"])
     monkeypatch.setenv("MLFLOW_TRACKING_URI", result.tracking_uri)  # not mlflow.set_tracking_uri: process-global
-    logged = mlflow.pytorch.load_model(run.data.tags["metatrain.model_uri"])
-    x = torch.rand_like(example_input(cfg))
-    x[..., -5:] = 0  # no previous label at any step: still a valid input
-    torch.testing.assert_close(logged(x), reference(x), rtol=1e-4, atol=1e-5)
+    assert_serves_like_predict(run.data.tags["metatrain.model_uri"], load_checkpoint(out / "checkpoints" / "final.pt"),
+                               omniglot_dir, tmp_path / "task")
 
     # `metatrain eval --run` rebuilds the same sequence episodes from the final checkpoint: the same numbers.
     again = evaluate(run=result.run_id, tasks=12, out=str(tmp_path / "eval"), tracking_uri=result.tracking_uri)

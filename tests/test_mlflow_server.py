@@ -1,29 +1,21 @@
 """Against a real MLflow tracking server (a subprocess on a loopback port with its own SQLite store and artifact
 folder): `metatrain train --register`, `metatrain retrain`, then everything checked over HTTP, and the champion
-loaded with mlflow.pytorch.load_model and run."""
+loaded as the few-shot pyfunc and asked a task."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import free_port, wait_until_up
 from mlflow.tracking import MlflowClient
 
 from metatrain.pipeline.cli import main
+from tests.test_serving import assert_serves_like_predict
 
 pytestmark = pytest.mark.data
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -36,24 +28,18 @@ def server(tmp_path_factory):
                              "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
                             stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
-                break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
+    try:
+        wait_until_up(f"{url}/health", proc, root / "server.log")
+    except BaseException:
+        proc.kill()
+        raise
     yield url, root
     proc.terminate()
     proc.wait(timeout=30)
 
 
-def test_train_register_retrain_and_load_the_champion_over_http(server, ray_module, omniglot_store, tmp_path,
-                                                                monkeypatch, capsys):
+def test_train_register_retrain_and_load_the_champion_over_http(server, ray_module, omniglot_store, omniglot_dir,
+                                                                tmp_path, monkeypatch, capsys):
     url, root = server
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     quick = ["--set", f"data.path={omniglot_store}", "--set", "model.hidden=8", "--set", "train.meta_batch=4",
@@ -81,9 +67,9 @@ def test_train_register_retrain_and_load_the_champion_over_http(server, ray_modu
     assert str(champion.version) == "2"
     assert champion.tags["metatrain.retrain.decision"] == "promoted"
 
-    import mlflow.pytorch
+    # The champion is the few-shot pyfunc: loaded over HTTP, it labels a task as `predict` does with its checkpoint.
+    from metatrain.pipeline.jobs.runs import checkpoint_of
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)  # not mlflow.set_tracking_uri: it is process-global
-    model = mlflow.pytorch.load_model("models:/srv@champion")
-    logits = model(torch.rand(5, 1, 28, 28))
-    assert logits.shape == (5, 5) and torch.isfinite(logits).all()
+    state, _ = checkpoint_of(None, "models:/srv@champion", url)
+    assert_serves_like_predict("models:/srv@champion", state, omniglot_dir, tmp_path / "task")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import http.server
 import json
 import math
-import os
 import re
 import shutil
 import socket
@@ -580,33 +579,6 @@ def test_a_failed_upload_is_kept_and_reported(uri, tmp_path, monkeypatch, capsys
     assert (f"could not upload artifact sub/never.txt (ConnectionError: artifact store down); it stays at "
             f"{(tmp_path / 'never.txt').resolve()}") in err
     assert MlflowClient(uri).get_run(t.run_id).info.status == "FINISHED"
-
-
-def test_log_model_round_trip_and_registration(uri, tmp_path, monkeypatch):
-    import mlflow.pyfunc
-    import mlflow.pytorch
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
-    with tracker(uri).start() as t:
-        model_uri = t.log_model(model, registered_name="metatrain-test")
-    assert model_uri.startswith("models:/")
-    assert not mlflow.is_tracking_uri_set()  # MLflow's global URI is unset again, so $MLFLOW_TRACKING_URI rules
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # models:/ URIs resolve against the global store
-    loaded = mlflow.pytorch.load_model(model_uri)
-    reqs = Path(mlflow.pyfunc.get_model_dependencies(model_uri)).read_text().split()
-    assert reqs == [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]  # named, not inferred
-    x = torch.randn(5, 4)
-    assert torch.equal(loaded(x), model(x))
-    versions = MlflowClient(uri).search_model_versions("name='metatrain-test'")
-    assert [(int(v.version), v.run_id) for v in versions] == [(1, t.run_id)]
-    logged = MlflowClient(uri).get_logged_model(model_uri.split("/")[-1])
-    assert logged.source_run_id == t.run_id and logged.experiment_id == t.experiment_id
-    assert not (tmp_path / "mlruns").exists()  # not filed under the Default experiment in the cwd
-    assert os.environ["MLFLOW_TRACKING_URI"] == uri  # the global URI setting was restored, env untouched
 
 
 def test_learning_curve_figure_skips_missing_keys():

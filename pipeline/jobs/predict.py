@@ -12,7 +12,8 @@ embed it, the memory module writes it, MANN reads it as the start of its sequenc
 and a probability (softmax of the class scores; for relation networks the relation score, for Siamese networks the
 best pair's p(same), for the memory module the softmax of the best slot similarity per class).
 
-The checkpoint is loaded with ``torch.load(weights_only=True)`` (never the pickled MLflow model).
+The checkpoint is loaded with ``torch.load(weights_only=True)``. ``Predictor`` (decode -> adapt -> score) is also what
+the served MLflow model runs (``metatrain.pipeline.serving.fewshot``), so both label the same images alike.
 """
 
 from __future__ import annotations
@@ -51,30 +52,37 @@ class Prediction:
     probability: float
 
 
-def _images(files: list[Path], root: Path, size: int, channels: int, invert: bool) -> torch.Tensor:
-    raw = RawClass("predict", "", root.name, tuple(str(f) for f in files), tuple(range(len(files))),
-                   tuple(f.read_bytes() for f in files))
+def decode_images(members: list[str], blobs: list[bytes], shape: tuple[int, int, int], invert: bool) -> torch.Tensor:
+    """Encoded images as floats in [0, 1], decoded, resized and inverted as the training store's were; a file that
+    does not decode is a DataError naming its ``member``."""
+    channels, size, _ = shape
+    raw = RawClass("predict", "", "", tuple(members), tuple(range(len(members))), tuple(blobs))
     return unit_pixels(decode_class(raw, size, channels, invert))
 
 
-def read_support(support: Path, shape: tuple[int, int, int], invert: bool
-                 ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """(class names, support images as floats in [0, 1], their labels) of a folder of class folders."""
-    channels, size, _ = shape
+@dataclass(frozen=True)
+class SupportClass:
+    """One class of a task's support set: its name and its encoded images (``members`` name them in errors)."""
+
+    name: str
+    members: list[str]
+    blobs: list[bytes]
+
+
+def read_support(support: Path) -> list[SupportClass]:
+    """The classes of a folder of class folders (the folder name is the class name), images read, not decoded."""
     if not support.is_dir():
         raise DataError(f"--support {support} is not a folder (expected one sub-folder of images per class)")
     class_dirs = class_folders(support)
     if not class_dirs:
         raise DataError(f"--support {support} has no class folders (expected one sub-folder of images per class)")
-    names, xs, ys = [], [], []
-    for label, d in enumerate(class_dirs):
+    classes = []
+    for d in class_dirs:
         files = image_files(d, recursive=False)
         if not files:
             raise DataError(f"class folder {d} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        names.append(d.name)
-        xs.append(_images(files, d, size, channels, invert))
-        ys += [label] * len(files)
-    return names, torch.cat(xs), torch.tensor(ys)
+        classes.append(SupportClass(d.name, [str(f) for f in files], [f.read_bytes() for f in files]))
+    return classes
 
 
 def query_files(query: Path) -> list[Path]:
@@ -104,7 +112,7 @@ def class_scorer(cfg: Config, model, params: dict, support_x: torch.Tensor, supp
             support_x, support_y, qx, torch.zeros(len(qx), dtype=torch.long), torch.arange(ways),
             torch.zeros(ways, dtype=torch.long), (0, 0, 0)))
     if ways != model.out_features:
-        raise PredictError(f"--support has {ways} classes but this {cfg.algorithm.name} model's head has exactly "
+        raise PredictError(f"the support set has {ways} classes but this {cfg.algorithm.name} model's head has exactly "
                            f"{model.out_features} ways (data.ways it was trained with)")
     with torch.enable_grad():
         adapted = algo.adapt(params, (support_x, support_y), cfg.algorithm, model,
@@ -137,7 +145,7 @@ def class_scores(cfg: Config, model, params: dict, episode: Episode) -> torch.Te
 def _mann_scores(model, params: dict, episode: Episode, ways: int) -> torch.Tensor:
     """MANN reads the support set (each image with the previous one's label), then one query: its last output."""
     if ways > model.out_features:
-        raise PredictError(f"--support has {ways} classes; this model was trained on sequences of "
+        raise PredictError(f"the support set has {ways} classes; this model was trained on sequences of "
                            f"{model.out_features} classes and cannot output more")
     sx, sy, qx = episode.support_x, episode.support_y, episode.query_x
     prev = torch.zeros(len(sy) + 1, model.out_features)
@@ -148,40 +156,81 @@ def _mann_scores(model, params: dict, episode: Episode, ways: int) -> torch.Tens
     return torch.softmax(logits[:, -1, :ways], -1)
 
 
-def predict(state: dict, support: str | Path, query: str | Path, invert: bool | None = None
-            ) -> list[Prediction]:
-    """Predictions for every query image, from a checkpoint ``state`` (see module docstring)."""
-    cfg = config_from_dict(state["config"])
-    if cfg.algorithm.record.predict == "none":
-        raise PredictError(f"{cfg.algorithm.name} learns an optimizer, not a classifier: there is nothing to "
-                           f"predict; use it as metatrain.pipeline.learned_optimizer.LearnedOptimizer(params, run=...)")
+class Predictor:
+    """A checkpoint ready to label few-shot tasks: ``metatrain predict`` and the served MLflow model both go through
+    it (decode -> adapt -> score), so they give the same labels for the same images."""
+
+    def __init__(self, state: dict, invert: bool | None = None, shape: tuple[int, int, int] | None = None):
+        """``invert`` and ``shape`` as the training store had them; None: from the store if it is on this machine,
+        else from the checkpoint (its ``image_shape``) and the dataset (Omniglot's ink is inverted)."""
+        self.cfg = cfg = config_from_dict(state["config"])
+        if cfg.algorithm.record.predict == "none":
+            raise PredictError(f"{cfg.algorithm.name} learns an optimizer, not a classifier: there is nothing to "
+                               f"predict; use it as metatrain.pipeline.learned_optimizer.LearnedOptimizer(params, "
+                               f"run=...)")
+        self.shape = tuple(shape) if shape is not None else checkpoint_image_shape(state)
+        self.model = build_model(cfg, self.shape)
+        self.params = {k: v.float() for k, v in state["params"].items()}
+        self.invert = store_inverts(cfg) if invert is None else invert
+
+    def adapt(self, classes: list[SupportClass]) -> _Adapted:
+        """The model adapted to a support set (the class order is the head's: give it sorted, as folders are)."""
+        if not classes:
+            raise PredictError("the support set has no classes: give at least one labelled image per class")
+        xs, ys = [], []
+        for label, c in enumerate(classes):
+            if not c.blobs:
+                raise PredictError(f"support class {c.name!r} has no images")
+            xs.append(decode_images(c.members, c.blobs, self.shape, self.invert))
+            ys += [label] * len(c.blobs)
+        scores = class_scorer(self.cfg, self.model, self.params, torch.cat(xs), torch.tensor(ys))
+        return _Adapted(self, [c.name for c in classes], scores)
+
+
+@dataclass(frozen=True)
+class _Adapted:
+    predictor: Predictor
+    names: list[str]
+    scores: object  # class_scorer's ``scores(query_x) -> (queries, ways)``
+
+    def label(self, members: list[str], read) -> list[tuple[str, float]]:
+        """(class name, probability) of each query; ``read(i)`` gives the i-th query's encoded image.
+
+        Queries are decoded and scored QUERY_CHUNK at a time, so memory stays flat in their number. A model whose
+        query set is batch-normalised with its own statistics (MAML's transductive setting) sees them in these
+        chunks, in the given order, as it saw 75-query sets in training."""
+        p, out = self.predictor, []
+        for lo in range(0, len(members), QUERY_CHUNK):
+            chunk = members[lo:lo + QUERY_CHUNK]
+            x = decode_images(chunk, [read(i) for i in range(lo, lo + len(chunk))], p.shape, p.invert)
+            with torch.no_grad():
+                probs = self.scores(x)
+            best = probs.argmax(-1)
+            out += [(self.names[int(b)], float(probs[i, b])) for i, b in enumerate(best.tolist())]
+        return out
+
+
+def checkpoint_image_shape(state: dict) -> tuple[int, int, int]:
+    """(channels, height, width) the run's model takes: the store's if it is on this machine, else the
+    checkpoint's own record of it."""
     from metatrain.pipeline.components import image_shape
 
     try:
-        shape = image_shape(cfg)
+        shape = image_shape(config_from_dict(state["config"]))
     except DataError:
         shape = None
-    if shape is None:  # the store is not on this machine: the checkpoint's model says what it takes
-        shape = tuple(state.get("extra", {}).get("image_shape") or (1, 28, 28))
-    model = build_model(cfg, shape)
-    params = {k: v.float() for k, v in state["params"].items()}
-    invert = store_inverts(cfg) if invert is None else invert
+    return tuple(shape or state.get("extra", {}).get("image_shape") or (1, 28, 28))
+
+
+def predict(state: dict, support: str | Path, query: str | Path, invert: bool | None = None
+            ) -> list[Prediction]:
+    """Predictions for every query image, from a checkpoint ``state`` (see module docstring)."""
+    predictor = Predictor(state, invert)
     support, query = Path(support), Path(query)
-    names, sx, sy = read_support(support, shape, invert)
-    files = query_files(query)
-    scores = class_scorer(cfg, model, params, sx, sy)
-    out = []
-    # Queries are decoded and scored QUERY_CHUNK at a time, so memory stays flat in their number. A model whose
-    # query set is batch-normalised with its own statistics (MAML's transductive setting) sees them in these
-    # chunks, in file order, as it saw 75-query sets in training.
-    for lo in range(0, len(files), QUERY_CHUNK):
-        chunk = files[lo:lo + QUERY_CHUNK]
-        with torch.no_grad():
-            probs = scores(_images(chunk, query, shape[1], shape[0], invert))
-        best = probs.argmax(-1)
-        out += [Prediction(str(f.relative_to(query)), names[int(b)], float(probs[i, b]))
-                for i, (f, b) in enumerate(zip(chunk, best.tolist()))]
-    return out
+    classes, files = read_support(support), query_files(query)
+    adapted = predictor.adapt(classes)
+    labels = adapted.label([str(f) for f in files], lambda i: files[i].read_bytes())
+    return [Prediction(str(f.relative_to(query)), name, prob) for f, (name, prob) in zip(files, labels)]
 
 
 def write_predictions(predictions: list[Prediction], path: str | Path) -> None:

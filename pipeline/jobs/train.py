@@ -48,8 +48,10 @@ from metatrain.pipeline.distributed.engine import Engine, EngineError, check_res
 from metatrain.pipeline.distributed.trainer import Trainer
 from metatrain.pipeline.distributed.worker import TaskWorkerCore
 from metatrain.pipeline.figures import instance_accuracy_figure, learning_curve_figure
+from metatrain.pipeline.jobs.predict import store_inverts
 from metatrain.pipeline.jobs.runs import OUT_TAG, RunError, check_out_dir, checkpoint_of, find_run_out
 from metatrain.pipeline.scores import ci95, metric_label, task_metric
+from metatrain.pipeline.serving.log import ModelDestination, log_classifier, log_torch_model
 from metatrain.pipeline.tracking import (
     RunTracker,
     TrackingError,
@@ -385,12 +387,7 @@ def train(config_path: str | None, overrides: list[str] = (), *, out: str | None
                     tracker.log_metrics({f"test/inst{k}_acc": v}, step=last)
                 instance_accuracy_figure(summary).savefig(out_dir / "instance_accuracy.png", dpi=100)
                 tracker.log_artifact(out_dir / "instance_accuracy.png")
-            model = model_from_checkpoint(cfg, load_checkpoint(final))
-            if cfg.algorithm.record.serve is not None:  # what serving takes (l2l_gd: one packed optimizer step)
-                model = cfg.algorithm.record.serve(model)
-            # An input example makes MLflow save the model as pt2 (torch.export): loading it runs no pickle.
-            example = example_input(cfg).numpy()
-            model_uri = tracker.log_model(model, registered_name=cfg.tracking.register, input_example=example)
+            model_uri = log_run_model(cfg, final, ModelDestination.of(tracker))
             tracker.set_tags({"metatrain.final_step": str(last), f"metatrain.test_{summary['metric']}":
                               f"{summary[summary['metric']]:.6f}", "metatrain.test_ci95": f"{summary['ci95']:.6f}",
                               "metatrain.model_uri": str(model_uri)})
@@ -403,6 +400,20 @@ def train(config_path: str | None, overrides: list[str] = (), *, out: str | None
             engine.shutdown()
         if started_ray:
             ray.shutdown()
+
+
+def log_run_model(cfg: Config, final: str, dest: ModelDestination) -> str | None:
+    """The run's model into MLflow: a classifier as the pyfunc that answers few-shot tasks (``metatrain.pipeline.
+    serving.fewshot``), any other network (the learned optimizer's packed step, the sinusoid regressor) as a
+    torch.export program, since an input example makes MLflow save it as pt2: loading either runs no pickle."""
+    if cfg.algorithm.record.predict != "none" and cfg.data.has_images:
+        return log_classifier(final, dest, invert=store_inverts(cfg), image_shape=image_shape(cfg),
+                              ways=cfg.data.ways, registered_name=cfg.tracking.register)
+    model = model_from_checkpoint(cfg, load_checkpoint(final))
+    if cfg.algorithm.record.serve is not None:  # what serving takes (l2l_gd: one packed optimizer step)
+        model = cfg.algorithm.record.serve(model)
+    return log_torch_model(model, dest, registered_name=cfg.tracking.register,
+                           input_example=example_input(cfg).numpy())
 
 
 # --------------------------------------------------------------------------------------------------------------

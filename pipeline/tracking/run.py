@@ -335,36 +335,3 @@ class RunTracker:
         except Exception as e:
             self.failed.append(name)
             warn(f"could not upload artifact {name} ({one_line(e, 200)}); it stays at {src.resolve()}")
-
-    # TEMPORARY (moves to the serving module)
-    def log_model(self, model, registered_name: str | None = None, **kw) -> str | None:
-        """``mlflow.pytorch.log_model`` into this run (and registered as ``registered_name``); the model URI.
-
-        ``pt2`` (torch.export, no pickle) when an ``input_example`` is given. On failure: a warning, ``"model"``
-        among ``end()``'s failed artifacts, None.
-        """
-        import mlflow
-        import mlflow.pytorch
-
-        kw.setdefault("serialization_format", "pt2" if kw.get("input_example") is not None else "pickle")
-        # Named, not inferred: MLflow's inference loads the model in a fresh interpreter (~10 s a model here) to
-        # list imports; a pt2 program needs only torch, and MLflow to serve it.
-        torch_release = __import__("torch").__version__.split("+")[0]
-        kw.setdefault("pip_requirements", [f"torch=={torch_release}", f"mlflow=={mlflow.__version__}"])
-        env, previous = os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri()
-        explicit = mlflow.is_tracking_uri_set() and previous != env  # a URI set in-process, not taken from $ENV
-        try:
-            # The logged-model record is ours (this run's experiment, not the active one); the registry and the
-            # model's artifacts go through MLflow's global URI, pointed here for the call and then restored.
-            model_id = self.client.create_logged_model(self.experiment_id, name="model",
-                                                       source_run_id=self.run_id).model_id
-            mlflow.set_tracking_uri(self.uri)
-            return mlflow.pytorch.log_model(model, name="model", model_id=model_id, run_id=self.run_id,
-                                            registered_model_name=registered_name, **kw).model_uri
-        except Exception as e:
-            self.failed.append("model")
-            warn(f"could not log the model to MLflow ({one_line(e, 200)})")
-            return None
-        finally:
-            mlflow.set_tracking_uri(previous if explicit else None)  # None: unset again, $MLFLOW_TRACKING_URI rules
-            os.environ.pop("MLFLOW_TRACKING_URI", None) if env is None else os.environ.update(MLFLOW_TRACKING_URI=env)
