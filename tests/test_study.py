@@ -55,7 +55,7 @@ def test_study_runs_cells_in_parallel_nests_them_and_resumes(ray_module, omniglo
 
     capsys.readouterr()
     again = run_study(study, out=str(out), parallel=2)
-    assert "4 of 4 cells already done" in capsys.readouterr().out
+    assert "4 of 4 trials already done" in capsys.readouterr().out
     assert [r["accuracy"] for r in again] == [r["accuracy"] for r in rows]
     assert len(client.search_runs([e.experiment_id for e in client.search_experiments()],
                                   f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}'")) == 4
