@@ -1,7 +1,7 @@
-"""`metatrain study` killed and resumed, as a real process with its own local Ray: SIGKILL mid-way, then the same
-command restores the Tune experiment without retraining a finished cell (the interrupted one continues its run from
-its checkpoint); SIGTERM ends the study (parent and started cell runs KILLED, exit 130, no Ray process left); the
-next run completes it."""
+"""`metatrain study` stopped and resumed, as a real process with its own local Ray: SIGTERM ends the study (exit
+130, the study's run and the started cell's KILLED, no process left) and the next run completes it without
+retraining the finished cell, the stopped one continuing its run from its checkpoint; SIGKILL mid-way, then the same
+command restores the Tune experiment alike (slow: two fresh Ray clusters)."""
 
 from __future__ import annotations
 
@@ -53,28 +53,76 @@ def alive(procs: list[psutil.Process]) -> list[str]:
     return left
 
 
-@pytest.mark.data
-def test_a_killed_study_resumes_and_sigterm_ends_it_cleanly(ray_module, omniglot_store, tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+def study_file(tmp_path: Path, store: Path) -> tuple[Path, list[str]]:
+    """Two cells one after the other, a checkpoint at every step (40 steps: the second is mid-way when signalled)."""
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump({
         "name": "signals", "config": "configs/omniglot_fomaml_5w1s.yaml", "max_concurrent_trials": 1,
-        "set": [f"data.path={omniglot_store}", "model.hidden=8", "train.steps=6", "train.meta_batch=2",
+        "set": [f"data.path={store}", "model.hidden=8", "train.steps=40", "train.meta_batch=2",
                 "train.val_every=0", "train.eval_tasks=10", "train.checkpoint_every=1", "workers.count=1",
                 "tracking.system_metrics=false", "data.queries=2"],
-        "grid": {"shots": [1, 2, 3]}}))
-    ids = [c.id for c in load_study(path).cells]
-    out, cells = tmp_path / "out", tmp_path / "out" / "cells"
-    done = lambda i: (out / "results" / f"cell={ids[i]}" / "part-0.parquet").is_file()
-    client = MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db")
+        "grid": {"shots": [1, 2]}}))
+    return path, [c.id for c in load_study(path).cells]
 
-    def runs(query: str = ""):
-        exps = [e.experiment_id for e in client.search_experiments()]
-        return client.search_runs(exps, "tags.`metatrain.study` = 'signals'" + query)
 
-    # 1. SIGKILL once cell 0 is done and cell 1 has a checkpoint.
-    proc = start(path, out, tmp_path / "kill.log")
-    wait_for(proc, lambda: done(0) and any((cells / ids[1] / "checkpoints").glob("ckpt-*.pt")), "cell 1's checkpoint")
+class Study:
+    def __init__(self, tmp_path: Path, store: Path):
+        self.path, self.ids = study_file(tmp_path, store)
+        self.out = tmp_path / "out"
+        self.client = MlflowClient(tracking_uri=f"sqlite:///{self.out}/mlflow.db")
+
+    def done(self, i: int) -> bool:
+        return (self.out / "results" / f"cell={self.ids[i]}" / "part-0.parquet").is_file()
+
+    def eval_mtime(self, i: int) -> int:
+        return (self.out / "cells" / self.ids[i] / "eval.json").stat().st_mtime_ns
+
+    def second_has_a_checkpoint(self) -> bool:
+        return self.done(0) and any((self.out / "cells" / self.ids[1] / "checkpoints").glob("ckpt-*.pt"))
+
+    def runs(self) -> tuple[dict[str, tuple[str, str]], int]:
+        """({cell id or "parent": (run id, status)}, how many runs the study has)."""
+        exps = [e.experiment_id for e in self.client.search_experiments()]
+        runs = self.client.search_runs(exps, "tags.`metatrain.study` = 'signals'")
+        return {r.data.tags.get("metatrain.cell", "parent"): (r.info.run_id, r.info.status) for r in runs}, len(runs)
+
+
+@pytest.mark.data
+def test_sigterm_ends_the_study_killed_with_no_process_left_and_the_next_run_resumes_it(
+        ray_module, omniglot_store, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    st = Study(tmp_path, omniglot_store)
+    proc = start(st.path, st.out, tmp_path / "term.log")
+    wait_for(proc, st.second_has_a_checkpoint, "cell 1's checkpoint")
+    procs = family(proc)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(120) == 130, (tmp_path / "term.log").read_text()[-3000:]
+    print(f"SIGTERM to exit: {time.monotonic() - t0:.1f} s")
+    time.sleep(2)
+    assert alive(procs) == [], "processes left after SIGTERM"
+    assert "Traceback" not in (tmp_path / "term.log").read_text()
+    runs, n = st.runs()
+    assert {k: status for k, (_, status) in runs.items()} == \
+        {"parent": "KILLED", st.ids[0]: "FINISHED", st.ids[1]: "KILLED"} and n == 3
+    first = st.eval_mtime(0)
+
+    rows = run_study(st.path, out=str(st.out))  # in this process's Ray: the study completes
+    assert sorted(r["cell"] for r in rows) == sorted(st.ids) and st.done(1)
+    assert st.eval_mtime(0) == first  # the finished cell was not trained again
+    again, n = st.runs()
+    assert {k: status for k, (_, status) in again.items()} == {k: "FINISHED" for k in runs} and n == 3
+    assert again[st.ids[1]][0] == runs[st.ids[1]][0]  # the stopped cell continued its run from its checkpoint
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_a_sigkilled_study_resumes_without_retraining_finished_cells(ray_module, omniglot_store, tmp_path,
+                                                                    monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    st = Study(tmp_path, omniglot_store)
+    proc = start(st.path, st.out, tmp_path / "kill.log")
+    wait_for(proc, st.second_has_a_checkpoint, "cell 1's checkpoint")
     procs = family(proc)
     proc.kill()
     proc.wait(30)
@@ -83,33 +131,14 @@ def test_a_killed_study_resumes_and_sigterm_ends_it_cleanly(ray_module, omniglot
             p.kill()
         except psutil.NoSuchProcess:
             pass
-    first = (cells / ids[0] / "eval.json").stat().st_mtime_ns
-    killed_run = next(r for r in runs() if r.data.tags.get("metatrain.cell") == ids[1]).info.run_id
-    assert not done(1)
+    first, (runs, _) = st.eval_mtime(0), st.runs()
+    assert not st.done(1) and runs["parent"][1] == "RUNNING"
 
-    # 2. The same command restores the experiment; SIGTERM once cell 1 is done and cell 2's run has started.
-    proc = start(path, out, tmp_path / "term.log")
-    wait_for(proc, lambda: done(1) and (cells / ids[2] / "config.yaml").is_file(), "cell 2's run")
-    procs = family(proc)
-    t0 = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(120) == 130, (tmp_path / "term.log").read_text()[-3000:]
-    print(f"SIGTERM to exit: {time.monotonic() - t0:.1f} s")
-    time.sleep(2)
-    assert alive(procs) == [], "processes left after SIGTERM"
-    log = (tmp_path / "term.log").read_text()
-    assert "resuming the Tune experiment" in log and "Traceback" not in log, log[-3000:]
-    assert (cells / ids[0] / "eval.json").stat().st_mtime_ns == first  # not retrained after the SIGKILL
-    status = {r.data.tags.get("metatrain.cell", "parent"): r.info.status for r in runs()}
-    assert status == {"parent": "KILLED", ids[0]: "FINISHED", ids[1]: "FINISHED", ids[2]: "KILLED"}, status
-    # The cell killed mid-way continued its own run from its checkpoint: one run per cell.
-    assert next(r for r in runs() if r.data.tags.get("metatrain.cell") == ids[1]).info.run_id == killed_run
-
-    # 3. Run again (in this process's Ray): the study completes; nothing finished is trained again.
-    second = (cells / ids[1] / "eval.json").stat().st_mtime_ns
-    rows = run_study(path, out=str(out))
-    assert sorted(r["cell"] for r in rows) == sorted(ids) and all(done(i) for i in range(3))
-    assert [(cells / ids[i] / "eval.json").stat().st_mtime_ns for i in (0, 1)] == [first, second]
-    status = {r.data.tags.get("metatrain.cell", "parent"): r.info.status for r in runs()}
-    assert status == {"parent": "FINISHED", **{i: "FINISHED" for i in ids}}, status
-    assert len(runs()) == 4  # the study's run and one per cell: no cell ran twice
+    out = tmp_path / "rerun.log"
+    proc = start(st.path, st.out, out)  # the same command: Tune's experiment restored
+    assert proc.wait(600) == 0, out.read_text()[-3000:]
+    assert "resuming the Tune experiment" in out.read_text()
+    assert st.done(1) and st.eval_mtime(0) == first
+    again, n = st.runs()
+    assert {k: status for k, (_, status) in again.items()} == {k: "FINISHED" for k in runs} and n == 3
+    assert again[st.ids[1]][0] == runs[st.ids[1]][0]

@@ -2,7 +2,8 @@
 
 ``Engine`` creates one ``ParameterServer`` (pinned to the driver's node, where the run's folder is) and
 ``workers.count`` ``TaskWorker`` actors in a placement group (PACK by default, SPREAD as an option), each with
-``workers.cpus`` CPUs and ``workers.gpus`` (possibly fractional) GPUs. Scheduling never blocks on one worker: every
+``workers.cpus`` CPUs and ``workers.gpus`` (possibly fractional) GPUs; inside a Ray Tune trial, in the trial's own
+placement group (``trial_placement_group``). Scheduling never blocks on one worker: every
 loop waits on futures with ``ray.wait`` and handles whichever finishes first.
 
 Faults. A worker that dies mid-call (its process killed, its node removed) surfaces as a Ray actor error on its
@@ -138,9 +139,8 @@ def worker_bundle(cfg: Config) -> dict:
 
 
 def trial_placement_group(count: int, bundle: dict):
-    """The placement group this process was started in with child capture (a Ray Tune trial's reservation, see
-    pipeline/jobs/study_trial.py), or None (a plain driver). The workers go into its bundles 0..count-1 instead of a
-    placement group of their own, which would ask the cluster for a second reservation beside the trial's."""
+    """The placement group a Tune trial runs in (with child capture), or None: the workers go into its bundles
+    0..count-1, as a placement group of their own would be a second reservation beside the trial's."""
     from ray.util.placement_group import get_current_placement_group
 
     pg = get_current_placement_group()

@@ -68,13 +68,17 @@ def record(out: Path, cell, name: str) -> None:
 
 
 def _cell(study, config: dict):
-    values = config["cell"] if "cell" in config else {a: config[a] for a in (study.grid or {})}
+    values = config.get("cell", {}) if study.grid is None else {a: config[a] for a in study.grid}
     return study.cell_of(values, config.get("search"))
 
 
 def param_space(study) -> dict:
-    space = {"cell": tune.grid_search([dict(c.values) for c in study.cells])} if study.grid is None else \
-        {axis: tune.grid_search(list(values)) for axis, values in study.grid.items()}
+    if study.grid is not None:
+        space = {axis: tune.grid_search(list(values)) for axis, values in study.grid.items()}
+    elif len(study.cells) > 1 or study.cells[0].values:
+        space = {"cell": tune.grid_search([dict(c.values) for c in study.cells])}
+    else:
+        space = {}  # a search alone: the base config
     make = {"loguniform": lambda a: tune.loguniform(*a), "uniform": lambda a: tune.uniform(*a),
             "randint": lambda a: tune.randint(*a), "choice": tune.choice, "grid": tune.grid_search}
     if study.search:
