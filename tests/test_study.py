@@ -107,7 +107,8 @@ def test_bad_study_files_are_named(tmp_path, body, message):
 @pytest.mark.data
 def test_asha_stops_the_worse_trial_on_its_first_validation(ray_module, omniglot_store, tmp_path, monkeypatch):
     """Two trials in order: inner_lr 0.4 (adapts to each support set) then 1e-6 (does not: chance accuracy). ASHA
-    (grace period 1, halving) stops the second at its first validation, below the first one's; its run ends KILLED."""
+    (grace period 1, halving) stops the second at its first validation, below the first one's; its run ends KILLED.
+    A drawn field (a negligible weight decay, from Tune's sampler) gives each trial a folder of its own."""
     import ray
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -115,12 +116,14 @@ def test_asha_stops_the_worse_trial_on_its_first_validation(ray_module, omniglot
         "name": "asha", "config": FOMAML, "max_concurrent_trials": 1,
         "set": [f"data.path={omniglot_store}", "train.steps=3", "train.val_every=1", "train.val_tasks=20",
                 "algorithm.eval_inner_steps=5", *TINY],
-        "search": {"algorithm.inner_lr": {"grid": [0.4, 1e-6]}},
+        "search": {"algorithm.inner_lr": {"grid": [0.4, 1e-6]}, "optim.weight_decay": {"uniform": [0.0, 1e-9]}},
         "scheduler": {"name": "asha", "metric": "val/acc", "mode": "max", "grace_period": 1,
                       "reduction_factor": 2}})
     out = tmp_path / "out"
     rows = run_study(study, out=str(out))
-    assert len(rows) == 1 and rows[0]["algorithm.inner_lr"] == 0.4
+    assert len(rows) == 1 and rows[0]["algorithm.inner_lr"] == 0.4 and 0 <= rows[0]["optim.weight_decay"] <= 1e-9
+    folders = sorted(p.name for p in (out / "cells").iterdir())
+    assert len(folders) == 2 and all(re.search(r"-[0-9a-f]{5}_0000[01]$", f) for f in folders)  # id-<trial id>
     client = MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db")
     runs = {r.data.params["algorithm.inner_lr"]: r for r in client.search_runs(
         [e.experiment_id for e in client.search_experiments()], "tags.`metatrain.study` = 'asha'")
