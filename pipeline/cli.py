@@ -122,11 +122,13 @@ def _add_retrain(sub) -> None:
 
 
 def _add_study(sub) -> None:
-    p = sub.add_parser("study", help="one run per cell of a grid over task distributions and algorithms")
+    p = sub.add_parser("study", help="a Ray Tune study: one trial per cell of a grid or sample of a search space")
     p.add_argument("study", help="study file (studies/*.yaml)")
-    p.add_argument("--out", default=None, help="study folder (default runs/studies/NAME); re-running resumes it")
+    p.add_argument("--out", default=None,
+                   help="study folder (default runs/studies/NAME); running again resumes its Tune experiment")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default OUT/mlflow.db)")
-    p.add_argument("--parallel", type=int, default=None, help="cells at once (default: as many as the CPUs hold)")
+    p.add_argument("--parallel", type=int, default=None,
+                   help="trials at once: max_concurrent_trials (default: as many as the cluster holds)")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
 
 

@@ -109,14 +109,17 @@ def _task(*extra: str) -> Callable[[dict], None]:
     return setup
 
 
-def _study_folder_of(name: str | None) -> Callable[[dict], None]:
-    """A one-cell study file TMP/one.yaml, and (``name``) TMP/other/ as the folder of study ``name``."""
+def _study_folder_of(name: str | None, tune: bool = False) -> Callable[[dict], None]:
+    """A one-cell study file TMP/one.yaml, and (``name``) TMP/other/ as the folder of study ``name`` (``tune``: with
+    a Tune experiment made from other trials)."""
     def setup(ctx: dict) -> None:
         _write("one.yaml", "config: configs/omniglot_fomaml_5w1s.yaml\ncells:\n  - {shots: 1}\n")(ctx)
         if name:
             (ctx["TMP"] / "other").mkdir()
-            (ctx["TMP"] / "other" / "study.json").write_text(json.dumps({"parent_run_id": "0" * 32,
-                                                                       "study": name}) + "\n")
+            (ctx["TMP"] / "other" / "study.json").write_text(json.dumps({"parent_run_id": "0" * 32, "study": name,
+                                                                       "digest": "0" * 16}) + "\n")
+        if tune:
+            (ctx["TMP"] / "other" / "tune").mkdir()
     return setup
 
 
@@ -292,6 +295,15 @@ CASES = [
     Case("sample-unknown-split", "CLI flag", "a split name with a typo", ("sample", "--data", "STORE", "--split",
                                                                          "bakground"),
          r"unknown split 'bakground'"),
+    Case("study-search-typo", "config file", "a study's search over a config field that does not exist",
+         ("study", "SEARCH_YAML", "--out", "OUT"), r"study file .*search.yaml: search optim.lrr = 0.001: unknown "
+                                                   r"config key 'optim.lrr' \(did you mean 'optim.lr'\?\)",
+         _write("search.yaml", "config: configs/omniglot_fomaml_5w1s.yaml\nsearch:\n"
+                               "  optim.lrr: {loguniform: [0.001, 0.1]}\nnum_samples: 4\n")),
+    Case("study-trials-changed", "CLI flag", "study --out of the same study whose cells changed since",
+         ("study", "ONE_YAML", "--out", "TMP/other"), r"--out .*other holds study 'one' with other trials \(its cells, "
+                                                      r"search or num_samples changed since\)",
+         _study_folder_of("one", tune=True)),
     Case("within-alphabet-too-wide", "config field", "within-alphabet episodes wider than every alphabet",
          (*TRAIN, "--set", "data.within_alphabet=true", "--set", "data.ways=4", "--set", "data.rotations=off",
           "--set", "data.val_split=background"),

@@ -2,7 +2,8 @@
 
 ``Engine`` creates one ``ParameterServer`` (pinned to the driver's node, where the run's folder is) and
 ``workers.count`` ``TaskWorker`` actors in a placement group (PACK by default, SPREAD as an option), each with
-``workers.cpus`` CPUs and ``workers.gpus`` (possibly fractional) GPUs. Scheduling never blocks on one worker: every
+``workers.cpus`` CPUs and ``workers.gpus`` (possibly fractional) GPUs; inside a Ray Tune trial, in the trial's own
+placement group (``trial_placement_group``). Scheduling never blocks on one worker: every
 loop waits on futures with ``ray.wait`` and handles whichever finishes first.
 
 Faults. A worker that dies mid-call (its process killed, its node removed) surfaces as a Ray actor error on its
@@ -130,6 +131,28 @@ def check_resources(cfg: Config) -> None:
                           f"cluster has {total.get('CPU', 0):g} (lower workers.count or workers.cpus)")
 
 
+def worker_bundle(cfg: Config) -> dict:
+    """The resources of one worker, as a placement-group bundle."""
+    w = cfg.workers
+    bundle = {"CPU": w.cpus} | ({"GPU": w.gpus} if w.gpus else {})
+    return bundle if any(bundle.values()) else {"CPU": 0.01}  # a placement group bundle cannot be empty
+
+
+def trial_placement_group(count: int, bundle: dict):
+    """The placement group a Tune trial runs in (with child capture), or None: the workers go into its bundles
+    0..count-1, as a placement group of their own would be a second reservation beside the trial's."""
+    from ray.util.placement_group import get_current_placement_group
+
+    pg = get_current_placement_group()
+    if pg is None or not ray.get_runtime_context().should_capture_child_tasks_in_placement_group:
+        return None
+    specs = pg.bundle_specs
+    if len(specs) < count or any(spec.get(k, 0) < v - 1e-9 for spec in specs[:count] for k, v in bundle.items()):
+        raise EngineError(f"workers: this process's placement group holds bundles {specs}, not {count} x {bundle}; "
+                          f"reserve one bundle per worker for it")
+    return pg
+
+
 def poll_restarts(workers: list[WorkerState], wait_s: float, event: Callable[[str], None]) -> None:
     """Ping the restarting workers and collect the answers, waiting up to ``wait_s`` for one to come back; a
     refused ping is retried after RESTART_PING_S, and a worker not back within PS_RECOVERY_TIMEOUT_S retired."""
@@ -195,23 +218,25 @@ class Engine:
         w = cfg.workers
         if check:
             check_resources(cfg)
-        bundle = {"CPU": w.cpus} | ({"GPU": w.gpus} if w.gpus else {})
-        if not any(bundle.values()):
-            bundle = {"CPU": 0.01}  # a placement group bundle cannot be empty
-        self.pg = placement_group([dict(bundle) for _ in range(w.count)], strategy=w.placement)
-        try:
-            ray.get(self.pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
-        except GetTimeoutError:
-            remove_placement_group(self.pg)
-            raise EngineError(f"workers: cannot place {w.count} workers x {bundle} with strategy {w.placement} "
-                              f"within {PLACEMENT_TIMEOUT_S:.0f} s (cluster has {ray.available_resources()})") from None
-        config = cfg.to_dict()
+        bundle = worker_bundle(cfg)
+        self.pg, self.owns_pg = trial_placement_group(w.count, bundle), False
         here = ray.get_runtime_context().get_node_id()
-        # The parameter server writes the run's checkpoints: pin it to the driver's node, where OUT is.
-        self.ps = ParameterServer.options(
-            num_cpus=0, max_restarts=-1, max_task_retries=0,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False),
-        ).remote(config, checkpoint_dir)
+        # The parameter server writes the run's checkpoints: on the driver's node, where OUT is. Inside a trial's
+        # reservation, that is bundle 0 (the trial's driver runs there with no resources of its own).
+        ps_strategy = NodeAffinitySchedulingStrategy(node_id=here, soft=False) if self.pg is None else \
+            PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=0)
+        if self.pg is None:
+            self.pg, self.owns_pg = placement_group([dict(bundle) for _ in range(w.count)], strategy=w.placement), True
+            try:
+                ray.get(self.pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
+            except GetTimeoutError:
+                remove_placement_group(self.pg)
+                raise EngineError(f"workers: cannot place {w.count} workers x {bundle} with strategy "
+                                  f"{w.placement} within {PLACEMENT_TIMEOUT_S:.0f} s (cluster has "
+                                  f"{ray.available_resources()})") from None
+        config = cfg.to_dict()
+        self.ps = ParameterServer.options(num_cpus=0, max_restarts=-1, max_task_retries=0,
+                                          scheduling_strategy=ps_strategy).remote(config, checkpoint_dir)
         self.workers = [
             WorkerState(TaskWorker.options(
                 num_cpus=w.cpus, num_gpus=w.gpus, max_restarts=w.max_restarts, max_task_retries=0,
@@ -227,7 +252,8 @@ class Engine:
         for ws in self.workers:
             ray.kill(ws.handle, no_restart=True)
         ray.kill(self.ps, no_restart=True)
-        remove_placement_group(self.pg)
+        if self.owns_pg:  # a trial's reservation is its scheduler's to free
+            remove_placement_group(self.pg)
 
     # ---- the parameter server -----------------------------------------------------------------------------------
 

@@ -41,8 +41,12 @@ TRAIN_NAMES = {"query_loss": "train/loss", "query_acc": "train/acc", "support_lo
 class Trainer:
     """Runs the loop of one run on an Engine, logging to a RunTracker."""
 
-    def __init__(self, cfg: Config, engine: Engine, tracker, out_dir: Path, quiet: bool = False):
+    def __init__(self, cfg: Config, engine: Engine, tracker, out_dir: Path, quiet: bool = False,
+                 on_validation=None):
+        """``on_validation(step, metrics)``: called with each validation's metrics once logged (a Ray Tune trial
+        reports them to its scheduler, which may stop the trial there)."""
         self.cfg, self.engine, self.tracker, self.out_dir = cfg, engine, tracker, out_dir
+        self.on_validation = on_validation
         self.history: list[dict] = []
         self.best_val = -math.inf
         # The highest step whose train/* (val/*) metrics reached the tracker: steps redone after a parameter-server
@@ -94,6 +98,8 @@ class Trainer:
             self.best_val = score
             self.engine.set_extra(best_val=value, best_step=step)
             self.engine.checkpoint("best")
+        if self.on_validation is not None:
+            self.on_validation(step, metrics)
         return value
 
     def run(self, start_step: int) -> int:

@@ -296,12 +296,13 @@ def log_store_inputs(client, run_id: str, cfg: Config) -> None:
 def train(config_path: str | None, overrides: list[str] = (), *, out: str | None = None,
           ray_address: str | None = None, resume: str | None = None, tracking_uri: str | None = None,
           register: str | None = None, quiet: bool = False, warm_start: tuple[dict, str] | None = None,
-          tags: dict[str, str] | None = None, handle_signals: bool = True) -> TrainResult:
+          tags: dict[str, str] | None = None, handle_signals: bool = True, on_validation=None) -> TrainResult:
     """Train one run end to end (see the module docstring); return where everything went.
 
     ``warm_start``: (parameters, description) to start from instead of the seeded initialisation (retrain).
     ``tags``: extra run tags (a study's cells set ``mlflow.parentRunId`` to nest under the study's run).
     ``handle_signals``: SIGTERM ends the run as KILLED (off where the caller owns the process, e.g. a Ray task).
+    ``on_validation(step, metrics)``: called after each validation (a study's Tune trial reports them).
     """
     if resume:
         out_dir, found_uri = find_run_out(resume, explicit_tracking_uri(tracking_uri) or
@@ -355,7 +356,7 @@ def train(config_path: str | None, overrides: list[str] = (), *, out: str | None
                 tracker.replay_journal()
             # The image shape goes into every checkpoint: predict can then rebuild the model without the store.
             engine.set_extra(run_id=tracker.run_id, image_shape=image_shape(cfg))
-            trainer = Trainer(cfg, engine, tracker, out_dir, quiet=quiet)
+            trainer = Trainer(cfg, engine, tracker, out_dir, quiet=quiet, on_validation=on_validation)
             if resume:
                 # Steps after the checkpoint that the killed driver had logged are redone (to the same values in
                 # sync mode) but not logged again. time/step_s and val/loss are logged at every train/val step.
