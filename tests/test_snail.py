@@ -181,12 +181,12 @@ def test_bad_input_is_one_line_naming_the_field():
 def test_snail_trains_with_two_workers_evaluates_and_predicts(omniglot_store, omniglot_dir, tmp_path, capsys):
     uri, out = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "run"
     assert main(["train", "configs/omniglot_snail_5w1s.yaml", "--out", str(out), "--tracking-uri", uri,
-                 "--set", f"data.path={omniglot_store}", "--set", "model.hidden=8", "--set", "train.steps=3",
-                 "--set", "train.meta_batch=4", "--set", "train.val_every=3", "--set", "train.val_tasks=8",
-                 "--set", "train.eval_tasks=20", "--set", "workers.count=2",
+                 "--set", f"data.path={omniglot_store}", "--set", "model.hidden=8", "--set", "train.steps=2",
+                 "--set", "train.meta_batch=4", "--set", "train.val_every=2", "--set", "train.val_tasks=4",
+                 "--set", "train.eval_tasks=10", "--set", "workers.count=2",
                  "--set", "tracking.system_metrics=false"]) == 0
     summary = json.loads((out / "eval.json").read_text())
-    assert summary["algorithm"] == "snail" and summary["ways"] == 5 and summary["tasks"] == 20
+    assert summary["algorithm"] == "snail" and summary["ways"] == 5 and summary["tasks"] == 10
     assert 0 <= summary["accuracy"] <= 1
     client = MlflowClient(tracking_uri=uri)
     run = client.search_runs(client.search_experiments()[0].experiment_id)[0]
@@ -196,5 +196,11 @@ def test_snail_trains_with_two_workers_evaluates_and_predicts(omniglot_store, om
     capsys.readouterr()
     assert main(["predict", "--run", run.info.run_id, "--tracking-uri", uri, "--support", str(few),
                  "--query", str(fq)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "data.ways: this SNAIL model was built for 5-way episodes" in err
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert errors == ["metatrain: error: data.ways: this SNAIL model was built for 5-way episodes (its one-hot labels "
+                      "and head), got 3 ways"]
+    # eval at more shots than the model's T was built for: the checkpoint is refused, one line
+    assert main(["eval", "--run", run.info.run_id, "--tracking-uri", uri, "--tasks", "4", "--out",
+                 str(tmp_path / "ev"), "--set", "data.shots=2"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "checkpoint was written for a different model or config" in errors[0]

@@ -66,7 +66,8 @@ class AlgorithmRecord:
     """The metrics ``meta_gradient`` and ``evaluate`` report (a sequence model adds ``inst<k>_acc``)."""
     shape_fields: tuple[str, ...] = ()
     """Algorithm settings that shape its own meta-parameters (meta_lstm: lstm_hidden): part of the checkpoint
-    fingerprint, so a checkpoint of another shape is refused with one line instead of failing in a copy."""
+    fingerprint, so a checkpoint of another shape is refused with one line instead of failing in a copy. A dotted
+    name is a field of another section (snail: ``data.shots``, which fixes the sequence length T it was built for)."""
     reads_query_bn: bool = False
     """Whether ``algorithm.query_bn`` decides how its query set is batch-normalised (then named in eval.json)."""
     optimizee_tasks: bool = False

@@ -44,9 +44,12 @@ def build_network(cfg: Config, shape: tuple[int, int, int]) -> SNAIL:
 #: auto_batched: a worker's episodes go through the sequence body as one batch even on the CPU: its ~20 small layers
 #: (attention and dense blocks on a few dozen positions) cost Python and dispatch time that B episodes pay once.
 #: predict "softmax": predict calls :func:`scores` on the user's support and queries (reading the support as the
-#: prefix) and takes the softmax of the last-step logits.
+#: prefix) and takes the softmax of the last-step logits. shape_fields: ``data.shots`` fixes T, so ``eval --set
+#: data.shots=...`` on a checkpoint built for fewer shots is refused (the fingerprint differs) even where the
+#: number of dense blocks, ceil(log2 T), happens to be the same.
 RECORD = AlgorithmRecord(name="snail", family="sequence", models=("snail",), predict="softmax",
-                         adapts_weights=False, auto_batched=True, builder=build_network)
+                         adapts_weights=False, auto_batched=True, shape_fields=("data.shots",),
+                         builder=build_network)
 NAME = RECORD.name
 
 
@@ -118,12 +121,12 @@ def meta_gradient_batched(params: Params, stacked: Episode, cfg: AlgorithmConfig
     return dict(zip(names, grads)), _metrics(losses, logits, stacked.query_y)
 
 
-def _evaluate(params: Params, episode: Episode, cfg: AlgorithmConfig, model: nn.Module, *,
-              steps: int | None = None, batched: bool = False, keys: Sequence[Key] | None = None  # noqa: ARG001
-              ) -> Metrics:
+def evaluate(params: Params, episode: Episode, cfg: AlgorithmConfig, model: nn.Module, *,
+             steps: int | None = None, batched: bool = False, keys: Sequence[Key] | None = None  # noqa: ARG001
+             ) -> Metrics:
     """Loss and accuracy of the queries, no gradient (a stack in one pass when ``batched``)."""
     if not batched:
-        return _episode_evaluate(params, episode, cfg, model)
+        return _evaluate_one(params, episode, cfg, model)
     with torch.no_grad():
         losses, logits = batched_scores({k: v.detach() for k, v in params.items()}, episode, model)
         return _metrics(losses, logits, episode.query_y)
@@ -137,6 +140,6 @@ class _Where:
         self.batched = len(self.keys) > 1
 
 
-# One episode at a time is a metric learner's loop (the loss of ``scores``, no inner loop); the stack is our own.
-init_extra_params, adapt, meta_gradient, _, _episode_evaluate = interface(NAME, scores)
-evaluate = _evaluate
+# One episode at a time is exactly a metric learner's (the gradient of ``scores``'s loss, no inner loop); a stack
+# of episodes is this module's own (one pass through the sequence body).
+init_extra_params, adapt, meta_gradient, _, _evaluate_one = interface(NAME, scores)
