@@ -168,6 +168,10 @@ def test_bad_input_is_one_line_naming_the_field():
         snail.scores(params, episode(0, shots=3), CFG, model)
     with pytest.raises(TaskMismatchError, match=r"^data\.ways: this SNAIL model was built for 3-way episodes"):
         snail.scores(params, episode(0, ways=2, shots=2), CFG, model)
+    e = episode(0)
+    bad = Episode(e.support_x, e.support_y, e.query_x, e.query_y + 3, e.classes, e.rotations, e.key)
+    with pytest.raises(TaskMismatchError, match=r"^query_y: every query label needs support examples"):
+        snail.scores(params, bad, CFG, model)
     with pytest.raises(ConfigError, match=r"^data\.eval_ways must equal data\.ways for snail"):
         load_config("configs/omniglot_snail_5w1s.yaml", ["data.eval_ways=20"])
     assert snail.scores(params, episode(0, shots=1), CFG, model)[1].shape == (6, 3)  # shorter than T: fine
@@ -204,3 +208,13 @@ def test_snail_trains_with_two_workers_evaluates_and_predicts(omniglot_store, om
                  str(tmp_path / "ev"), "--set", "data.shots=2"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(errors) == 1 and "checkpoint was written for a different model or config" in errors[0]
+
+
+def test_the_checkpoint_fingerprint_holds_the_shots_even_where_the_shapes_agree():
+    from metatrain.pipeline.components import build_model, fingerprint
+
+    five, six = (load_config("configs/omniglot_snail_5w5s.yaml", [f"data.shots={k}"]) for k in (5, 6))
+    m5, m6 = build_model(five, (1, 28, 28)), build_model(six, (1, 28, 28))
+    # T = 26 and 31: ceil(log2 T) = 5 dense blocks both, the same parameters, yet a 5-shot model is not a 6-shot one
+    assert [p.shape for p in m5.parameters()] == [p.shape for p in m6.parameters()]
+    assert (m5.seq_len, m6.seq_len) == (26, 31) and fingerprint(five, m5) != fingerprint(six, m6)
