@@ -2,6 +2,7 @@
 
     python bench/throughput.py                       # maml, fomaml, reptile, protonet; about 6 minutes on 2 cores
     python bench/throughput.py --algos maml --steps 8 --rounds 3
+    python bench/throughput.py --algos snail --steps 2 --rounds 1
     python bench/throughput.py --device cuda         # the same table on a GPU (worker and peers on cuda:0)
 
 For each algorithm, Omniglot 5-way 1-shot 15 queries (real episodes from the prepared store), meta-batch 32, one
@@ -51,13 +52,14 @@ sys.path.insert(0, str(BENCH))
 from algorithms import higher_maml, torchopt_maml  # noqa: E402
 from scaling import sync_steps  # noqa: E402
 
+from metatrain.pipeline.algorithms import get_record  # noqa: E402
 from metatrain.pipeline.components import build_model, build_sampler, image_shape, open_store  # noqa: E402
 from metatrain.pipeline.config import load_config  # noqa: E402
 from metatrain.pipeline.distributed.engine import Engine  # noqa: E402
 
-ALGOS = ("maml", "fomaml", "reptile", "protonet")
+ALGOS = ("maml", "fomaml", "reptile", "protonet", "snail")
 PEERS = {"maml": ("plain", "higher", "torchopt"), "fomaml": ("plain", "higher"), "reptile": ("plain",),
-         "protonet": ("plain",)}
+         "protonet": ("plain",), "snail": ("plain",)}
 
 
 def bench_config(algo: str, args, batching: str = "loop"):
@@ -80,6 +82,10 @@ def plain_step(algo: str, cfg, model: torch.nn.Module, opt: torch.optim.Optimize
     names = [n for n, _ in model.named_parameters()]
     params = list(model.parameters())
     n = len(episodes)
+    if algo == "snail":  # a sequence model is written batched: every episode's sequences through the body at once
+        plain_snail(model, episodes).backward()
+        opt.step()
+        return
     for ep in episodes:
         if algo in ("maml", "fomaml"):
             second = algo == "maml"
@@ -116,6 +122,17 @@ def plain_step(algo: str, cfg, model: torch.nn.Module, opt: torch.optim.Optimize
             protos = torch.stack([s[ep.support_y == c].mean(0) for c in range(int(ep.support_y.max()) + 1)])
             (F.cross_entropy(-torch.cdist(q, protos).square(), ep.query_y) / n).backward()
     opt.step()
+
+
+def plain_snail(model, episodes) -> torch.Tensor:
+    """SNAIL's loss on a meta-batch as one script would write it: each episode embedded (batch norm on its support),
+    the support prefixes and queries stacked through the sequence body once; mean over queries, over episodes."""
+    n = len(episodes[0].support_x)
+    feats = torch.stack([model(torch.cat([ep.support_x, ep.query_x]), stats_rows=n) for ep in episodes])
+    sy = torch.stack([ep.support_y for ep in episodes])
+    logits = model.sequence_logits(feats[:, :n], sy, feats[:, n:])
+    qy = torch.stack([ep.query_y for ep in episodes])
+    return F.cross_entropy(logits.flatten(0, 1), qy.flatten())
 
 
 def library_step(peer: str, algo: str, cfg, model, opt, episodes) -> None:
@@ -225,7 +242,7 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: torch sees no CUDA device on this machine")
     gpu = args.device == "cuda"
-    default = "batched" if gpu else "loop"  # what algorithm.task_batching=auto picks on this device
+    defaults = {a: "batched" if gpu or get_record(a).auto_batched else "loop" for a in args.algos}
     ray.init(num_cpus=2, num_gpus=1 if gpu else 0, include_dashboard=False, log_to_driver=False)
     where = f"{torch.cuda.get_device_name(0)}, " if gpu else ""
     print(f"{where}{platform.machine()}, {os.cpu_count()} cores (Ray given 2); torch {torch.__version__}, "
@@ -234,9 +251,10 @@ def main() -> None:
           f"{args.steps} steps (batched: {args.batched_steps}); tasks/s = meta-batch / step s")
     print()
     print("| algorithm | ours via Ray, loop | ours via Ray, batched | plain PyTorch | higher | TorchOpt | "
-          f"ours ({default}) / plain | ours ({default}) / best library |")
+          "ours (auto) / plain | ours (auto) / best library |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for algo in args.algos:
+        default = defaults[algo]  # what algorithm.task_batching=auto picks for it on this device
         times: dict[str, list[float]] = {}
         for r in range(args.rounds):
             times.setdefault("loop", []).extend(ours(algo, args, "loop", args.steps))
@@ -249,12 +267,13 @@ def main() -> None:
         libs = [rate[k] for k in ("higher", "torchopt") if k in rate]
         cells = [f"{rate[k]:.2f}" if k in rate else "-" for k in ("loop", "batched", "plain", "higher", "torchopt")]
         best = f"{rate[default] / max(libs):.2f}x" if libs else "-"
-        print(f"| {algo} | {' | '.join(cells)} | {rate[default] / rate['plain']:.2f}x | {best} |", flush=True)
+        print(f"| {algo} | {' | '.join(cells)} | {rate[default] / rate['plain']:.2f}x ({default}) | {best} |",
+              flush=True)
         if algo == "maml":
             maml_its = {k: rate[k] / args.meta_batch for k in ("loop", "batched")}
     ray.shutdown()
     print()
-    print(f"tasks/s; target: ours via Ray ({default}, the {args.device} default of algorithm.task_batching=auto) "
+    print(f"tasks/s; target: ours via Ray (the {args.device} default of algorithm.task_batching=auto, in brackets) "
           ">= 0.95x plain PyTorch")
     if "maml" in args.algos:
         print(f"second-order MAML, meta-batch {args.meta_batch}: {maml_its['loop']:.2f} it/s (loop), "

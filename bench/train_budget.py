@@ -8,6 +8,7 @@
     python bench/train_budget.py --algo protonet --minutes 20 [--ways 20] [--shots 5]
     python bench/train_budget.py --algo matching,relation --minutes 40 --parallel   # a core each, at once
     python bench/train_budget.py --algo meta_lstm --minutes 40 --parallel [--shots 5]   # and FOMAML, its peer
+    python bench/train_budget.py --algo snail --minutes 40 [--ways 20] [--shots 5]   # its config for that shape
 
 Trains the algorithm's config (configs/omniglot_<algo>_5w1s.yaml; mann: omniglot_mann_5class.yaml) through the whole
 pipeline (local Ray, parameter server, MLflow) until the budget is spent, then evaluates the final weights on 600
@@ -18,7 +19,8 @@ class), MANN next to an LSTM of the same controller size trained on the same bud
 for the whole --minutes: with two, the same compute as two sequential runs of half the budget on both cores, in half
 the wall time. An algorithm with a peer (meta_lstm: FOMAML, the first-order learner of the same cost per inner step)
 trains it on the same budget in the same report, with the paired difference on the same test episodes
-(--no-baseline skips it). The config is configs/omniglot_<algo>_5w<shots>s.yaml where it exists, else the 5w1s one.
+(--no-baseline skips it). The config is configs/omniglot_<algo>_<ways>w<shots>s.yaml where it exists (SNAIL: one per
+shape, as the paper trains), else omniglot_<algo>_5w<shots>s.yaml, else the 5w1s one.
 """
 
 from __future__ import annotations
@@ -38,12 +40,14 @@ PUBLISHED = {"maml": (98.7, "Finn et al. 2017"), "fomaml": (98.3, "Finn et al. 2
              "reptile": (97.68, "Nichol et al. 2018, transductive"), "protonet": (98.8, "Snell et al. 2017"),
              "matching": (98.1, "Vinyals et al. 2016"), "memory": (98.4, "Kaiser et al. 2017"),
              "relation": (99.6, "Sung et al. 2018"), "siamese": (float("nan"), "Koch et al. 2015: 92.0% at 20-way"),
-             "meta_lstm": (float("nan"), "Ravi & Larochelle 2017: mini-ImageNet only")}
+             "meta_lstm": (float("nan"), "Ravi & Larochelle 2017: mini-ImageNet only"),
+             "snail": (99.07, "Mishra et al. 2018")}
 # The papers' Omniglot accuracies by (ways, shots) where they report more than 5w1s (%).
 PUBLISHED_BY_TASK = {"protonet": {(5, 1): 98.8, (5, 5): 99.7, (20, 1): 96.0, (20, 5): 98.9},
                      "matching": {(5, 1): 98.1, (5, 5): 98.9, (20, 1): 93.8, (20, 5): 98.5},
                      "relation": {(5, 1): 99.6, (5, 5): 99.8, (20, 1): 97.6, (20, 5): 99.1},
-                     "memory": {(5, 1): 98.4, (20, 1): 95.0}, "siamese": {(20, 1): 92.0}}
+                     "memory": {(5, 1): 98.4, (20, 1): 95.0}, "siamese": {(20, 1): 92.0},
+                     "snail": {(5, 1): 99.07, (5, 5): 99.78, (20, 1): 97.64, (20, 5): 99.36}}
 # Santoro et al. 2016, Omniglot 5 classes, accuracy at instances 1, 2, 3, 5, 10 (%).
 PUBLISHED_MANN = {"MANN (LRUA)": (36.4, 82.8, 91.0, 94.9, 98.1), "LSTM": (24.4, 49.5, 55.3, 61.0, 63.6)}
 INSTANCES = ("1", "2", "3", "5", "10")
@@ -52,16 +56,19 @@ CONFIGS = {"mann": "omniglot_mann_5class.yaml"}
 PEERS = {"meta_lstm": "fomaml"}
 
 
-def config_for(algo: str, shots: int) -> Path:
+def config_for(algo: str, ways: int, shots: int) -> Path:
+    """The algorithm's config for this shape where it has one (SNAIL has a model per shape), else its 5-way one."""
     root = Path(__file__).resolve().parents[1] / "configs"
     if algo in CONFIGS:
         return root / CONFIGS[algo]
-    own = root / f"omniglot_{algo}_5w{shots}s.yaml"
-    return own if own.is_file() else root / f"omniglot_{algo}_5w1s.yaml"
+    for name in (f"omniglot_{algo}_{ways}w{shots}s.yaml", f"omniglot_{algo}_5w{shots}s.yaml"):
+        if (root / name).is_file():
+            return root / name
+    return root / f"omniglot_{algo}_5w1s.yaml"
 
 
 def run(algo: str, args, extra: list[str]) -> tuple:
-    config = config_for(algo, args.shots)
+    config = config_for(algo, args.ways, args.shots)
     label = algo + ("-lstm" if "model.name=lstm" in extra else "")
     out = args.out or f"runs/budget-{label}-{args.ways}w{args.shots}s-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.out and (algo == "mann" and not args.no_baseline or "," in args.algo):

@@ -136,11 +136,18 @@ def initial_params(cfg: Config, model: FewShotModel) -> dict[str, torch.Tensor]:
     return params
 
 
+def _field(cfg: Config, name: str):
+    """``cfg.algorithm.<name>``, or ``cfg.<section>.<field>`` for a dotted ``section.field``."""
+    section, _, field = name.rpartition(".")
+    return getattr(getattr(cfg, section) if section else cfg.algorithm, field)
+
+
 def fingerprint(cfg: Config, model: FewShotModel) -> str:
     """What a checkpoint must match to be loaded into this run: architecture, algorithm, episode shape."""
     extra = {"model": cfg.to_dict()["model"], "algorithm": cfg.algorithm.name, "ways": cfg.data.ways,
              "dataset": cfg.data.dataset, "metasgd_lr": cfg.algorithm.metasgd_lr}
     # The settings that shape the algorithm's own meta-parameters (meta_lstm: lstm_hidden); none for the others, so
     # their fingerprints (and old checkpoints) are unchanged.
-    extra.update({f: getattr(cfg.algorithm, f) for f in cfg.algorithm.record.shape_fields})
+    # A dotted name is another section's field (snail: data.shots, which fixes the model's sequence length T).
+    extra.update({f: _field(cfg, f) for f in cfg.algorithm.record.shape_fields})
     return model_fingerprint(model, extra)

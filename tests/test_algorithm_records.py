@@ -30,7 +30,7 @@ def test_every_registered_module_has_its_record():
         assert isinstance(module.RECORD, AlgorithmRecord)
         assert module.RECORD.name == name == module.NAME
         assert get_record(name) is module.RECORD
-        assert module.RECORD.family in ("gradient", "memory", "metric", "learned")
+        assert module.RECORD.family in ("gradient", "memory", "metric", "learned", "sequence")
         assert module.RECORD.models and set(module.RECORD.models) <= set(MODEL_NAMES)
         for f in algorithms.INTERFACE:
             assert callable(getattr(module, f))
@@ -48,7 +48,8 @@ def test_records_agree_with_the_modules():
         assert (rec.predict == "none") == rec.optimizee_tasks
         if rec.predict in ("softmax", "sigmoid", "probability"):
             assert callable(get_algorithm(name).scores)
-        assert rec.auto_batched == rec.sequence_episodes  # only the sequence model batches on the CPU
+        # only the sequence models (Santoro sequences, SNAIL) batch on the CPU
+        assert rec.auto_batched == (rec.sequence_episodes or rec.family == "sequence")
     prefixes = [get_record(n).param_prefix for n in ALGORITHMS if get_record(n).param_prefix]
     assert prefixes == [algorithms.LR_PREFIX, meta_lstm.PREFIX]  # Meta-SGD's rates (old checkpoints load), the LSTM
     assert len(set(prefixes)) == len(prefixes)

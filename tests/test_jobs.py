@@ -41,6 +41,16 @@ def user_task(omniglot_dir: Path, root: Path, classes: int = 5, queries: int = 2
     return root / "support", root / "query", truth
 
 
+def assert_predicts_a_user_task(omniglot_dir: Path, tmp_path: Path, run_id: str, uri: str) -> None:
+    """`metatrain predict --run` on a 5-class user task labels every query with one of its classes, 0 < p <= 1."""
+    support, query, truth = user_task(omniglot_dir, tmp_path / "task", classes=5)
+    preds = tmp_path / "preds.json"
+    assert main(["predict", "--run", run_id, "--tracking-uri", uri, "--support", str(support),
+                 "--query", str(query), "--json", str(preds)]) == 0
+    rows = json.loads(preds.read_text())
+    assert len(rows) == len(truth) and all(r["label"] in set(truth) and 0 < r["probability"] <= 1 for r in rows)
+
+
 def test_compare_uses_the_paired_difference():
     champion = np.array([0.8, 0.6, 0.9, 0.7] * 50)
     assert compare(champion + 0.05, champion, None)[0]  # a constant gain: zero-width CI, promoted

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from metatrain.pipeline.algorithms import AlgorithmConfig, init_params, meta_gradient_tasks, meta_lstm
 from metatrain.pipeline.algorithms.errors import AlgorithmConfigError, TaskMismatchError
 from metatrain.pipeline.cli import main
-from tests.test_jobs import user_task
+from tests.test_jobs import assert_predicts_a_user_task, user_task
 
 
 def tiny(dtype=torch.float32, ways=3, hidden=2, size=16):
@@ -212,12 +212,7 @@ def test_meta_lstm_trains_evaluates_and_predicts_end_to_end(omniglot_store, omni
                  "--out", str(tmp_path / "ev"), "--set", "algorithm.query_bn=batch"]) == 0 \
         or pytest.fail(capsys.readouterr().err)
     assert json.loads((tmp_path / "ev" / "eval.json").read_text())["query_bn"] == "batch"
-    support, query, truth = user_task(omniglot_dir, tmp_path / "task", classes=5)
-    preds = tmp_path / "preds.json"
-    assert main(["predict", "--run", run.info.run_id, "--tracking-uri", uri, "--support", str(support),
-                 "--query", str(query), "--json", str(preds)]) == 0
-    rows = json.loads(preds.read_text())
-    assert len(rows) == len(truth) and all(r["label"] in set(truth) and 0 < r["probability"] <= 1 for r in rows)
+    assert_predicts_a_user_task(omniglot_dir, tmp_path, run.info.run_id, uri)
     # a support set of 3 classes for a 5-way learner: one line, exit 2
     few, fq, _ = user_task(omniglot_dir, tmp_path / "few", classes=3)
     capsys.readouterr()

@@ -3,7 +3,8 @@
 Every module (``maml``, ``fomaml``, ``reptile``, ``metasgd``, ``anil``; the memory models ``mann`` and ``memory``,
 whose "adaptation" is writing memory; the metric learners ``protonet``, ``matching``, ``relation``, ``siamese``,
 whose adaptation is embedding the support set; ``meta_lstm``, whose update rule is learned; ``l2l_gd``, which learns
-an optimizer on optimizee tasks instead of episodes) exposes the same interface:
+an optimizer on optimizee tasks instead of episodes; the sequence learner ``snail``, which reads the support set as
+a sequence) exposes the same interface:
 
 * ``init_extra_params(model, cfg) -> params``: meta-parameters beyond the model's (Meta-SGD's rates; else ``{}``).
 * ``adapt(params, support, cfg, model, *, steps=None, create_graph=False, batched=False) -> params``
@@ -52,12 +53,13 @@ from metatrain.pipeline.algorithms.learned import l2l_gd, meta_lstm
 from metatrain.pipeline.algorithms.memory import key_value, mann
 from metatrain.pipeline.algorithms.metric import matching, protonet, relation, siamese
 from metatrain.pipeline.algorithms.record import AlgorithmRecord
+from metatrain.pipeline.algorithms.sequence import snail
 
 __all__ = ["ALGORITHMS", "AlgorithmConfig", "AlgorithmConfigError", "AlgorithmRecord", "LR_PREFIX",
            "NonFiniteGradientError", "TaskMismatchError", "algorithm_names", "anil", "evaluate_tasks", "fomaml",
            "get_algorithm", "get_record", "init_params", "l2l_gd", "maml", "mann", "matching", "measure_task_batching",
            "key_value", "meta_gradient_tasks", "meta_lstm", "metasgd", "protonet", "register", "relation", "reptile",
-           "siamese", "unregister", "use_batched"]
+           "siamese", "snail", "unregister", "use_batched"]
 
 #: What every algorithm module must define besides its RECORD.
 INTERFACE = ("init_extra_params", "adapt", "meta_gradient", "meta_gradient_batched", "evaluate")
@@ -85,7 +87,7 @@ def unregister(name: str) -> None:
 
 
 for _m in (maml, fomaml, reptile, metasgd, anil, mann, key_value, protonet, matching, relation, siamese,
-           meta_lstm, l2l_gd):
+           meta_lstm, l2l_gd, snail):
     register(_m)
 
 #: The built-in algorithm names, in registry order (:func:`algorithm_names` includes later registrations).

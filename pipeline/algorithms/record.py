@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-Family = Literal["gradient", "memory", "metric", "learned"]
+Family = Literal["gradient", "memory", "metric", "learned", "sequence"]
 Predict = Literal["adapt", "sequence", "memory", "softmax", "sigmoid", "probability", "none"]
 
 #: The metrics every SGD-inner-loop algorithm reports (before adaptation on the support set, after on the query).
@@ -39,7 +39,8 @@ class AlgorithmRecord:
     """The registry key and the value of ``algorithm.name`` in a config."""
     family: Family
     """'gradient' (inner SGD loop), 'memory' (adaptation is writing a memory), 'metric' (embedding the support) or
-    'learned' (a learned update rule writes the weights)."""
+    'learned' (a learned update rule writes the weights) or 'sequence' (a network reads the support set as a
+    sequence, SNAIL)."""
     models: tuple[str, ...]
     """The ``model.name`` values it runs, the first being the default; 'mlp' (the sinusoid MLP) means regression."""
     predict: Predict
@@ -65,7 +66,8 @@ class AlgorithmRecord:
     """The metrics ``meta_gradient`` and ``evaluate`` report (a sequence model adds ``inst<k>_acc``)."""
     shape_fields: tuple[str, ...] = ()
     """Algorithm settings that shape its own meta-parameters (meta_lstm: lstm_hidden): part of the checkpoint
-    fingerprint, so a checkpoint of another shape is refused with one line instead of failing in a copy."""
+    fingerprint, so a checkpoint of another shape is refused with one line instead of failing in a copy. A dotted
+    name is a field of another section (snail: ``data.shots``, which fixes the sequence length T it was built for)."""
     reads_query_bn: bool = False
     """Whether ``algorithm.query_bn`` decides how its query set is batch-normalised (then named in eval.json)."""
     optimizee_tasks: bool = False
