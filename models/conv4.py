@@ -66,8 +66,10 @@ class Conv4Body(nn.ModuleList):
             x = block(x, step, stats_rows)
         return x.mean(dim=(-2, -1)) if self.spatial_mean else x.flatten(-3)
 
-    def forward_tasks(self, params: dict[str, torch.Tensor], x: torch.Tensor, step: int = 0) -> torch.Tensor:
-        """The body for ``T`` tasks at once: ``x`` ``(T, N, C, H, W)`` -> features ``(T, N, F)``.
+    def forward_tasks(self, params: dict[str, torch.Tensor], x: torch.Tensor, step: int = 0,
+                      stats_rows: int | None = None) -> torch.Tensor:
+        """The body for ``T`` tasks at once: ``x`` ``(T, N, C, H, W)`` -> features ``(T, N, F)``; ``stats_rows`` as in
+        ``forward``, per task.
 
         The tasks go side by side along channels, ``(N, T*C, H, W)``: each convolution is one grouped convolution
         (``groups=T``, task t's filters on task t's channels) and each batch norm an ordinary one over ``T*C``
@@ -85,7 +87,7 @@ class Conv4Body(nn.ModuleList):
             bias = per_task(params[f"{i}.norm.bias"], norm.bias.dim(), tasks)
             if norm.steps > 1:
                 gain, bias = gain[:, step], bias[:, step]
-            h = F.batch_norm(h, None, None, gain.reshape(-1), bias.reshape(-1), True, 0.0, norm.eps)
+            h = norm.normalise(h, gain.reshape(-1), bias.reshape(-1), stats_rows)
             h = block.act(block.pool(h))
         # Channel t*C + c is task t's channel c, so (N, T, C*h*w) holds each task's features in forward()'s order.
         h = h.mean(dim=(-2, -1)).reshape(n, tasks, -1) if self.spatial_mean else h.reshape(n, tasks, -1)
@@ -134,10 +136,12 @@ class Conv4(FewShotModel):
         :class:`~models.layers.EpisodeBatchNorm2d`), for support-then-query batches scored non-transductively."""
         return self.head(self.body(x, step, stats_rows))
 
-    def forward_tasks(self, params: dict[str, torch.Tensor], x: torch.Tensor, step: int = 0) -> torch.Tensor:
+    def forward_tasks(self, params: dict[str, torch.Tensor], x: torch.Tensor, step: int = 0,
+                      stats_rows: int | None = None) -> torch.Tensor:
         """``forward`` for ``T`` tasks at once (see :meth:`Conv4Body.forward_tasks`): ``(T, N, ways)``."""
         body = {k[len("body."):]: v for k, v in params.items() if k.startswith("body.")}
-        return linear_tasks(params["head.weight"], params["head.bias"], self.body.forward_tasks(body, x, step))
+        features = self.body.forward_tasks(body, x, step, stats_rows)
+        return linear_tasks(params["head.weight"], params["head.bias"], features)
 
     @classmethod
     def omniglot(cls, ways: int, **kwargs) -> Conv4:

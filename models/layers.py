@@ -40,6 +40,12 @@ class EpisodeBatchNorm2d(nn.Module):
         """``stats_rows``: normalise every row with the statistics of the first ``stats_rows`` rows only (a support
         set followed by its queries: the queries are then scored without seeing each other, non-transductively)."""
         weight, bias = (self.weight, self.bias) if self.steps == 1 else (self.weight[step], self.bias[step])
+        return self.normalise(x, weight, bias, stats_rows)
+
+    def normalise(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                  stats_rows: int | None = None) -> torch.Tensor:
+        """``x`` normalised per channel with the batch's statistics (or its first ``stats_rows`` rows'), then scaled
+        by ``weight`` and shifted by ``bias`` (given: a per-step row, or Conv4's tasks side by side on channels)."""
         if stats_rows is not None and stats_rows < x.shape[0]:
             if stats_rows < 1:
                 raise ValueError(f"stats_rows must be >= 1, got {stats_rows}")
@@ -55,6 +61,23 @@ class EpisodeBatchNorm2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.channels}, steps={self.steps}, eps={self.eps}, statistics=batch"
+
+
+def has_batch_norm(model: nn.Module) -> bool:
+    return any(isinstance(m, EpisodeBatchNorm2d) for m in model.modules())
+
+
+def query_logits(model: nn.Module, weights: dict, support_x: torch.Tensor, query_x: torch.Tensor,
+                 query_bn: str = "support") -> torch.Tensor:
+    """``model``'s logits for ``query_x`` under ``weights`` (``functional_call``), batch-normalised with the support
+    set's statistics (``query_bn="support"``: each query scored as if it came alone) or the query set's own
+    (``"batch"``: transductive, every query's score depends on the others). A model without batch norm: plain."""
+    from torch.func import functional_call
+
+    if query_bn == "batch" or not has_batch_norm(model):
+        return functional_call(model, weights, (query_x,))
+    n = support_x.shape[0]
+    return functional_call(model, weights, (torch.cat([support_x, query_x]),), {"stats_rows": n})[n:]
 
 
 class _MaxPool2x2(torch.autograd.Function):

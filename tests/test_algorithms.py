@@ -209,6 +209,30 @@ def test_reptile_adam_takes_sign_like_first_step():
         torch.testing.assert_close(grads[k][nz], 1e-3 * sgd[k][nz].sign(), rtol=1e-3, atol=1e-9)
 
 
+@pytest.mark.parametrize("query_bn", ["support", "batch"])
+def test_reptile_scores_queries_with_the_batch_norm_statistics_query_bn_names(query_bn):
+    """support: queries normalised with the adapted model's support-set statistics, so a query's score does not
+    depend on the other queries (Nichol et al.'s non-transductive setting); batch: the query set's own (their
+    transductive one), so it does."""
+    torch.manual_seed(0)
+    model = Conv4(3, hidden=8).double()
+    ep = image_episode(5, queries=4, dtype=torch.float64)
+    cfg = AlgorithmConfig(name="reptile", inner_lr=0.1, inner_steps=1, eval_inner_steps=2, reptile_optimizer="sgd",
+                          query_bn=query_bn)
+    params = init_params(model, cfg)
+    fast, n = reptile.adapt(params, ep, cfg, model, steps=2), ep.support_x.shape[0]
+    if query_bn == "support":
+        logits = functional_call(model, fast, (torch.cat([ep.support_x, ep.query_x]),), {"stats_rows": n})[n:]
+    else:
+        logits = functional_call(model, fast, (ep.query_x,))
+    assert reptile.evaluate(params, ep, cfg, model)["query_loss"] == pytest.approx(
+        float(F.cross_entropy(logits, ep.query_y)), rel=1e-9)
+    alone = reptile.evaluate(params, dataclasses.replace(ep, query_x=ep.query_x[:1], query_y=ep.query_y[:1]), cfg,
+                             model)["query_loss"]
+    same = alone == pytest.approx(float(F.cross_entropy(logits[:1], ep.query_y[:1])), rel=1e-9)
+    assert same == (query_bn == "support")
+
+
 def test_reptile_metrics_are_the_inner_loops_first_and_last_minibatch():
     """support_* = the first minibatch with the initial parameters; query_* = the last minibatch, before the last
     step (by hand: plain SGD over the same fixed order); one full-batch step scores the same data twice."""
@@ -350,6 +374,7 @@ BATCH_CASES = {
     "reptile_sgd": dict(name="reptile", inner_steps=3),
     "reptile_adam_minibatch": dict(name="reptile", inner_steps=3, reptile_optimizer="adam", reptile_batch_size=2,
                                    inner_lr=1e-3),
+    "reptile_transductive": dict(name="reptile", inner_steps=3, query_bn="batch"),
     "metasgd": dict(name="metasgd"),
     "metasgd_maml++": dict(name="metasgd", metasgd_lr="per_layer_step", multi_step_loss=True, per_step_bn=True),
     "anil": dict(name="anil"),

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from metatrain.models import Conv4, MetaLSTMCell, ParamLayout
+from metatrain.models.layers import query_logits
 from metatrain.tasks.episode import Episode
 from mlflow.tracking import MlflowClient
 
@@ -112,7 +113,7 @@ def test_meta_gradient_matches_finite_differences_of_the_cell_state_chain():
         st = cell.init_state(layout.numel)
         for g, loss in inputs:
             th, st = torch.func.functional_call(cell, ww, (g, loss, th, st))
-        logits = meta_lstm.query_logits(model, layout.unflatten(th), ep.support_x, ep.query_x, c)
+        logits = query_logits(model, layout.unflatten(th), ep.support_x, ep.query_x, c.query_bn)
         return float(F.cross_entropy(logits, ep.query_y))
 
     gen = torch.Generator().manual_seed(1)
@@ -142,8 +143,8 @@ def test_query_bn_support_scores_each_query_alone_and_batch_does_not():
         c = cfg(query_bn=mode)
         params = params_for(model, c)
         learner = {k: v for k, v in params.items() if not k.startswith("meta_lstm.")}
-        every = meta_lstm.query_logits(model, learner, ep.support_x, ep.query_x, c)
-        first = meta_lstm.query_logits(model, learner, ep.support_x, ep.query_x[:1], c)
+        every = query_logits(model, learner, ep.support_x, ep.query_x, c.query_bn)
+        first = query_logits(model, learner, ep.support_x, ep.query_x[:1], c.query_bn)
         assert torch.allclose(every[:1], first, atol=1e-5) == alone, mode
 
 

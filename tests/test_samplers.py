@@ -77,19 +77,25 @@ def test_same_key_same_episode_other_keys_differ(store):
 
 
 def test_episode_is_identical_in_another_process(store, omniglot_store):
-    """The engine's fault recovery relies on this: another process rebuilds the same episode bit for bit."""
+    """The engine's fault recovery relies on this: another process rebuilds the same episode bit for bit, augmented
+    (the distortions drawn from the episode key) or not."""
+    from metatrain.tasks.augment import Affine
+
     code = (
         "import hashlib, sys\n"
         "from tasks.store import TaskStore\nfrom tasks.samplers import EpisodeSampler\n"
-        f"s = EpisodeSampler(TaskStore.open({str(omniglot_store)!r}), ways=20, shots=5, queries=5, "
-        "split='background', seed=11)\n"
-        "ep = s.episode(123, 9)\nh = hashlib.sha256()\n"
-        "for t in (ep.support_x, ep.support_y, ep.query_x, ep.query_y, ep.classes, ep.rotations):\n"
-        "    h.update(t.contiguous().numpy().tobytes())\nprint(h.hexdigest())\n"
+        "from tasks.augment import Affine\n"
+        "for augment in (None, Affine(p=0.5)):\n"
+        f"    s = EpisodeSampler(TaskStore.open({str(omniglot_store)!r}), ways=20, shots=5, queries=5, "
+        "split='background', seed=11, augment=augment)\n"
+        "    ep = s.episode(123, 9)\n    h = hashlib.sha256()\n"
+        "    for t in (ep.support_x, ep.support_y, ep.query_x, ep.query_y, ep.classes, ep.rotations):\n"
+        "        h.update(t.contiguous().numpy().tobytes())\n    print(h.hexdigest())\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
-    local = EpisodeSampler(store, ways=20, shots=5, queries=5, split="background", seed=11).episode(123, 9)
-    assert out.stdout.strip() == _digest(local)
+    local = [_digest(EpisodeSampler(store, ways=20, shots=5, queries=5, split="background", seed=11,
+                                    augment=augment).episode(123, 9)) for augment in (None, Affine(p=0.5))]
+    assert out.stdout.split() == local and local[0] != local[1]
 
 
 def test_label_order_is_a_fresh_permutation_per_episode(store):

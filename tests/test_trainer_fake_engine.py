@@ -11,6 +11,8 @@ surfaces as ``ActorLost`` from ``result`` while ``ps_alive()`` holds, and the tr
 from __future__ import annotations
 
 import itertools
+import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -304,3 +306,19 @@ def test_the_trainer_does_not_use_ray_itself():
     assert not hasattr(trainer_module, "ray")
     source = open(trainer_module.__file__).read()
     assert ".remote(" not in source and "import ray" not in source and "from ray" not in source
+
+
+def test_a_time_budget_that_stops_a_cosine_schedule_early_says_how_far_it_got(capsys, monkeypatch):
+    """A cosine schedule anneals over train.steps; a time budget that ends the run first leaves it part-way, and
+    the closing line says where (Reptile's budget runs kept lr ~1.0 for this reason)."""
+    import metatrain.pipeline.distributed.trainer as trainer_module
+
+    clock = itertools.count(0.0, 1.0)  # one "second" per look at the clock: the budget ends a few steps in
+    monkeypatch.setattr(trainer_module, "time", SimpleNamespace(monotonic=lambda: next(clock),
+                                                                perf_counter=time.perf_counter))
+    cfg = config("train.steps=8", "optim.schedule=cosine", "optim.lr=0.1", "train.time_budget_s=3.5")
+    last, _, _ = train(cfg, FakeEngine(cfg))
+    err = "".join(capsys.readouterr())  # tqdm.write: stdout
+    assert f"time budget of 3.5 s reached after step {last}" in err and 0 < last < 8
+    lr = 0.1 * 0.5 * (1 + np.cos(np.pi * last / 8))
+    assert f"the cosine schedule stopped at lr {lr:.3g} of 0.1" in err and "train.steps = 8" in err

@@ -105,8 +105,8 @@ class AlgorithmConfig:
     """meta_lstm: support examples per update, taken in turn in an order fixed by the episode key (the paper's
     5-shot batches); 0 = the whole support set at every update (its 1-shot setting)."""
     query_bn: str = "support"
-    """meta_lstm: batch-norm statistics of the query set: 'support' (the adapted learner's statistics on the support
-    set, each query scored as if alone) or 'batch' (the query set's own: transductive, as MAML)."""
+    """meta_lstm, reptile: batch-norm statistics of the query set: 'support' (the adapted learner's statistics on
+    the support set, each query scored as if alone) or 'batch' (the query set's own: transductive, as MAML)."""
     check_finite: bool = True
     """Raise NonFiniteGradientError on a NaN/Inf gradient, naming the step and parameter (one sync per task)."""
     verification: bool = False

@@ -24,6 +24,7 @@ import numpy as np
 
 from metatrain.pipeline.config import Config
 from metatrain.pipeline.distributed.engine import ActorLost, Engine, EngineError, WeightsLost
+from metatrain.pipeline.distributed.parameter_server import learning_rate
 from metatrain.pipeline.scores import higher_is_better, task_metric
 
 
@@ -120,7 +121,7 @@ class Trainer:
             step = start_step
             while step <= cfg.train.steps:
                 if cfg.train.time_budget_s and time.monotonic() - self.started > cfg.train.time_budget_s:
-                    bar.write(f"time budget of {cfg.train.time_budget_s:g} s reached after step {step - 1}")
+                    bar.write(self._budget_spent(step - 1))
                     break
                 t0 = time.perf_counter()
                 try:
@@ -154,6 +155,16 @@ class Trainer:
         finally:
             bar.close()
 
+    def _budget_spent(self, step: int) -> str:
+        """The line that ends a time-budgeted run; it says how far a cosine schedule got, which anneals over
+        train.steps, not over the steps the budget turned out to allow."""
+        cfg, text = self.cfg, f"time budget of {self.cfg.train.time_budget_s:g} s reached after step {step}"
+        if cfg.optim.schedule != "cosine":
+            return text
+        lr = learning_rate(cfg.optim, step, cfg.train.steps)
+        return (f"{text}; the cosine schedule stopped at lr {lr:.3g} of {cfg.optim.lr:g} (it anneals over "
+                f"train.steps = {cfg.train.steps}: set that to the steps a budget gets to anneal to the end)")
+
     def _run_async(self, start_step: int, bar) -> int:
         """Workers pull the newest weights and push as they finish; the PS drops contributions that are too stale."""
         cfg = self.cfg
@@ -176,7 +187,7 @@ class Trainer:
             submit(ws)
         while applied_step < cfg.train.steps:
             if cfg.train.time_budget_s and time.monotonic() - self.started > cfg.train.time_budget_s:
-                bar.write(f"time budget of {cfg.train.time_budget_s:g} s reached after step {applied_step}")
+                bar.write(self._budget_spent(applied_step))
                 break
             done = self.engine.next_done(in_flight, timeout=cfg.workers.task_timeout_s)
             if done is None:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from metatrain.models.layers import query_logits
 from metatrain.tasks.episode import Episode
 from metatrain.tasks.errors import DataError, MetatrainError
 from metatrain.tasks.sources import IMAGE_SUFFIXES, RawClass, class_folders, decode_class, image_files, unit_pixels
@@ -119,7 +120,8 @@ def class_scorer(cfg: Config, model, params: dict, support_x: torch.Tensor, supp
                              steps=cfg.algorithm.eval_inner_steps)
     prefix = record.param_prefix
     weights = {k: v.detach() for k, v in adapted.items() if prefix is None or not k.startswith(prefix)}
-    return lambda qx: torch.softmax(functional_call(model, weights, (qx,)), -1)
+    query_bn = cfg.algorithm.query_bn if record.reads_query_bn else "batch"
+    return lambda qx: torch.softmax(query_logits(model, weights, support_x, qx, query_bn), -1)
 
 
 def class_scores(cfg: Config, model, params: dict, episode: Episode) -> torch.Tensor:

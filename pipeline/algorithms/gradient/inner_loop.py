@@ -169,8 +169,10 @@ class Functional:
         return {"step": step} if self.per_step else {}
 
     def _run(self, module: nn.Module, params: Params, x: torch.Tensor, step: int | None,
-             task_keys: frozenset[str]) -> torch.Tensor:
+             task_keys: frozenset[str], stats_rows: int | None = None) -> torch.Tensor:
         kwargs = {} if step is None else self._kwargs(step)
+        if stats_rows is not None:  # the first rows' batch-norm statistics only (query_bn: support)
+            kwargs["stats_rows"] = stats_rows
         if not self.batched:
             # strict: every parameter must come from `params`, never silently from the module's own tensors.
             return functional_call(module, params, (x,), kwargs, strict=True)
@@ -178,14 +180,15 @@ class Functional:
         # about 2x vmap's speed), a batched matmul for a linear head, else torch.func.vmap over tasks.
         forward_tasks = getattr(module, "forward_tasks", None)
         if forward_tasks is not None:
-            return forward_tasks(params, x, kwargs.get("step", 0))
+            return forward_tasks(params, x, **{"step": 0, **kwargs})
         if isinstance(module, nn.Linear):
             return linear_tasks(params["weight"], params.get("bias"), x)
         in_dims = ({k: 0 if k in task_keys else None for k in params}, 0)
         return vmap(lambda p, xx: functional_call(module, p, (xx,), kwargs, strict=True), in_dims=in_dims)(params, x)
 
-    def outputs(self, params: Params, x: torch.Tensor, step: int, task_keys: frozenset[str] = frozenset()):
-        return self._run(self.model, params, x, step, task_keys)
+    def outputs(self, params: Params, x: torch.Tensor, step: int, task_keys: frozenset[str] = frozenset(),
+                stats_rows: int | None = None):
+        return self._run(self.model, params, x, step, task_keys, stats_rows)
 
     def features(self, params: Params, x: torch.Tensor, step: int) -> torch.Tensor:
         """The body's output (shared, unadapted body parameters: ANIL)."""

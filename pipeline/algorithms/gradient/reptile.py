@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from metatrain.models.layers import has_batch_norm
 from metatrain.tasks.episode import Episode
 from torch import nn
 
@@ -55,7 +56,7 @@ from metatrain.pipeline.algorithms.record import GRADIENT_METRICS, AlgorithmReco
 RECORD = AlgorithmRecord(
     name="reptile", family="gradient", models=("conv4", "mlp"), predict="adapt", adapts_weights=True,
     forbidden=(("multi_step_loss", "reptile has no query loss per step; use it with maml-like algorithms"),),
-    metrics=GRADIENT_METRICS)
+    metrics=GRADIENT_METRICS, reads_query_bn=True)
 NAME = RECORD.name
 ADAM_EPS = 1e-8
 
@@ -198,7 +199,10 @@ def meta_gradient_batched(params: Params, stacked: Episode, cfg: AlgorithmConfig
 def evaluate(params: Params, episode: Episode, cfg: AlgorithmConfig, model: nn.Module, *,
              steps: int | None = None, batched: bool = False, keys: Sequence[Key] | None = None) -> Metrics:
     """Train on the support set for ``cfg.eval_inner_steps`` (or ``steps``) and score the query set (``keys``: the
-    stacked episodes' keys, for the minibatch order)."""
+    stacked episodes' keys, for the minibatch order), batch-normalised as ``cfg.query_bn`` says: with the support
+    set's statistics (``support``: Nichol et al.'s non-transductive setting, each query as if alone; they run the
+    support set plus one query, we the support set's statistics alone) or the query set's own (``batch``: their
+    transductive figures)."""
     steps = cfg.eval_inner_steps if steps is None else steps
     if steps < 0:
         raise AlgorithmConfigError(f"steps: must be >= 0, got {steps}")
@@ -212,6 +216,11 @@ def evaluate(params: Params, episode: Episode, cfg: AlgorithmConfig, model: nn.M
     task_keys = frozenset(fast) if batched else frozenset()
     with torch.no_grad():
         support_out = fn.outputs(p, batch.support_x, 0)
-        query_out = fn.outputs(fast, batch.query_x, steps, task_keys)
+        if cfg.query_bn == "support" and has_batch_norm(model):
+            n = batch.support_x.shape[1 if batched else 0]
+            both = _concat(batch.support_x, batch.query_x, batched)
+            query_out = fn.outputs(fast, both, steps, task_keys, stats_rows=n)[..., n:, :]
+        else:
+            query_out = fn.outputs(fast, batch.query_x, steps, task_keys)
         return {**task_metrics("support", fn, support_out, batch.support_y, classification=cls),
                 **task_metrics("query", fn, query_out, batch.query_y, classification=cls)}

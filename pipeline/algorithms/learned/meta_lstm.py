@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from metatrain.models import Conv4, MetaLSTMCell, ParamLayout
+from metatrain.models.layers import query_logits
 from metatrain.tasks.episode import Episode
 from torch import nn
 from torch.func import functional_call
@@ -183,16 +184,6 @@ def unroll(params: Params, support_x: torch.Tensor, support_y: torch.Tensor, cfg
     return c, layout, first
 
 
-def query_logits(model: nn.Module, weights: Params, support_x: torch.Tensor, query_x: torch.Tensor,
-                 cfg: AlgorithmConfig) -> torch.Tensor:
-    """The learner's query logits, batch norm as ``cfg.query_bn`` says (support statistics or the query's own)."""
-    if cfg.query_bn == "batch":
-        return functional_call(model, weights, (query_x,))
-    n = support_x.shape[0]
-    both = torch.cat([support_x, query_x])
-    return functional_call(model, weights, (both,), {"stats_rows": n})[n:]
-
-
 def _episodes(episode: Episode, batched: bool, keys: Sequence[Key] | None) -> list[Episode]:
     """One task, or the tasks of a stack (the learned update runs per task: the cell's batch is coordinates)."""
     if not batched:
@@ -231,7 +222,7 @@ def scores(params: Params, episode: Episode, cfg: AlgorithmConfig, model: nn.Mod
     adapted = adapt(params, episode, cfg, model, steps=steps)
     learner = {k: v for k, v in adapted.items() if not k.startswith(PREFIX)}
     with torch.no_grad():
-        logits = query_logits(model, learner, episode.support_x, episode.query_x, cfg)
+        logits = query_logits(model, learner, episode.support_x, episode.query_x, cfg.query_bn)
     return F.cross_entropy(logits, episode.query_y), logits
 
 
@@ -242,7 +233,7 @@ def meta_gradient(params: Params, episode: Episode, cfg: AlgorithmConfig, model:
     with torch.enable_grad():
         c, layout, first = unroll(p, episode.support_x, episode.support_y, cfg, model, cfg.inner_steps,
                                   tuple(episode.key), differentiable=True)
-        logits = query_logits(model, layout.unflatten(c), episode.support_x, episode.query_x, cfg)
+        logits = query_logits(model, layout.unflatten(c), episode.support_x, episode.query_x, cfg.query_bn)
         loss = F.cross_entropy(logits, episode.query_y)
         names = list(p)
         grads = torch.autograd.grad(loss, [p[k] for k in names], allow_unused=True)
@@ -278,7 +269,7 @@ def evaluate(params: Params, episode: Episode, cfg: AlgorithmConfig, model: nn.M
         p = {k: v.detach() for k, v in params.items()}
         c, layout, first = unroll(p, ep.support_x, ep.support_y, cfg, model, steps, tuple(ep.key), False)
         with torch.no_grad():
-            logits = query_logits(model, layout.unflatten(c), ep.support_x, ep.query_x, cfg)
+            logits = query_logits(model, layout.unflatten(c), ep.support_x, ep.query_x, cfg.query_bn)
             m = {"support_loss": first[0], "support_acc": first[1],
                  "query_loss": float(F.cross_entropy(logits, ep.query_y)),
                  "query_acc": float(accuracy(logits, ep.query_y))}
