@@ -3,6 +3,7 @@
     python bench/throughput.py                       # maml, fomaml, reptile, protonet; about 6 minutes on 2 cores
     python bench/throughput.py --algos maml --steps 8 --rounds 3
     python bench/throughput.py --algos snail --steps 2 --rounds 1
+    python bench/throughput.py --algos metanet --meta-batch 4 --steps 2 --rounds 2 --batched-steps 1
     python bench/throughput.py --device cuda         # the same table on a GPU (worker and peers on cuda:0)
 
 For each algorithm, Omniglot 5-way 1-shot 15 queries (real episodes from the prepared store), meta-batch 32, one
@@ -57,9 +58,9 @@ from metatrain.pipeline.components import build_model, build_sampler, image_shap
 from metatrain.pipeline.config import load_config  # noqa: E402
 from metatrain.pipeline.distributed.engine import Engine  # noqa: E402
 
-ALGOS = ("maml", "fomaml", "reptile", "protonet", "snail")
+ALGOS = ("maml", "fomaml", "reptile", "protonet", "snail", "metanet")
 PEERS = {"maml": ("plain", "higher", "torchopt"), "fomaml": ("plain", "higher"), "reptile": ("plain",),
-         "protonet": ("plain",), "snail": ("plain",)}
+         "protonet": ("plain",), "snail": ("plain",), "metanet": ("plain",)}
 
 
 def bench_config(algo: str, args, batching: str = "loop"):
@@ -121,6 +122,10 @@ def plain_step(algo: str, cfg, model: torch.nn.Module, opt: torch.optim.Optimize
             s, q = emb[:len(ep.support_x)], emb[len(ep.support_x):]
             protos = torch.stack([s[ep.support_y == c].mean(0) for c in range(int(ep.support_y.max()) + 1)])
             (F.cross_entropy(-torch.cdist(q, protos).square(), ep.query_y) / n).backward()
+        elif algo == "metanet":  # the module's own episode forward (fast weights, memory read), no functional_call
+            (F.cross_entropy(model.episode_logits(ep.support_x, ep.support_y, ep.query_x), ep.query_y) / n).backward()
+    if cfg.optim.clip_norm:  # what the parameter server does before its update (metanet's configs: 10)
+        torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_norm)
     opt.step()
 
 

@@ -9,6 +9,7 @@
     python bench/train_budget.py --algo matching,relation --minutes 40 --parallel   # a core each, at once
     python bench/train_budget.py --algo meta_lstm --minutes 40 --parallel [--shots 5]   # and FOMAML, its peer
     python bench/train_budget.py --algo snail --minutes 40 [--ways 20] [--shots 5]   # its config for that shape
+    python bench/train_budget.py --algo metanet --minutes 40 [--ways 20]   # one-shot only, a model per ways
 
 Trains the algorithm's config (configs/omniglot_<algo>_5w1s.yaml; mann: omniglot_mann_5class.yaml) through the whole
 pipeline (local Ray, parameter server, MLflow) until the budget is spent, then evaluates the final weights on 600
@@ -41,13 +42,14 @@ PUBLISHED = {"maml": (98.7, "Finn et al. 2017"), "fomaml": (98.3, "Finn et al. 2
              "matching": (98.1, "Vinyals et al. 2016"), "memory": (98.4, "Kaiser et al. 2017"),
              "relation": (99.6, "Sung et al. 2018"), "siamese": (float("nan"), "Koch et al. 2015: 92.0% at 20-way"),
              "meta_lstm": (float("nan"), "Ravi & Larochelle 2017: mini-ImageNet only"),
-             "snail": (99.07, "Mishra et al. 2018")}
+             "snail": (99.07, "Mishra et al. 2018"), "metanet": (98.95, "Munkhdalai & Yu 2017")}
 # The papers' Omniglot accuracies by (ways, shots) where they report more than 5w1s (%).
 PUBLISHED_BY_TASK = {"protonet": {(5, 1): 98.8, (5, 5): 99.7, (20, 1): 96.0, (20, 5): 98.9},
                      "matching": {(5, 1): 98.1, (5, 5): 98.9, (20, 1): 93.8, (20, 5): 98.5},
                      "relation": {(5, 1): 99.6, (5, 5): 99.8, (20, 1): 97.6, (20, 5): 99.1},
                      "memory": {(5, 1): 98.4, (20, 1): 95.0}, "siamese": {(20, 1): 92.0},
-                     "snail": {(5, 1): 99.07, (5, 5): 99.78, (20, 1): 97.64, (20, 5): 99.36}}
+                     "snail": {(5, 1): 99.07, (5, 5): 99.78, (20, 1): 97.64, (20, 5): 99.36},
+                     "metanet": {(5, 1): 98.95, (20, 1): 97.00}}
 # Santoro et al. 2016, Omniglot 5 classes, accuracy at instances 1, 2, 3, 5, 10 (%).
 PUBLISHED_MANN = {"MANN (LRUA)": (36.4, 82.8, 91.0, 94.9, 98.1), "LSTM": (24.4, 49.5, 55.3, 61.0, 63.6)}
 INSTANCES = ("1", "2", "3", "5", "10")

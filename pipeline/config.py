@@ -171,7 +171,8 @@ class ModelConfig:
     name: Literal[MODEL_NAMES] = "conv4"
     """conv4: MAML's 4-block CNN; mlp: the sinusoid MLP (1-40-40-1); mann: LSTM + LRUA memory (Santoro et al.);
     lstm: mann's memory-less baseline; key_encoder: conv4 trunk + linear to key_size (Kaiser et al.'s memory);
-    embedding (protonet), matching, relation, siamese: the metric learners' networks (models/metric.py)."""
+    embedding (protonet), matching, relation, siamese: the metric learners' networks (models/metric.py); metanet:
+    Meta Networks' base learner, key network and meta-learners (models/metanet.py)."""
     hidden: int = 64
     """Filters per conv block (64 for Omniglot, 32 for mini-ImageNet) or MLP hidden width (40)."""
     pool: Literal["max", "stride"] = "max"

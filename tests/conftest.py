@@ -105,6 +105,21 @@ def prototype_episode(slot: int, ways: int = 3, shots: int = 1, queries: int = 2
                    torch.zeros(ways, dtype=torch.long), (0, step, slot))
 
 
+def assert_stack_equals_loop(algo, params: dict, episodes: list, cfg, model, rel: float = 1e-6) -> None:
+    """An algorithm module's batched path (meta-gradient summed over a stack, evaluate averaged) against its loop."""
+    from metatrain.tasks.episode import stack_episodes
+
+    from metatrain.pipeline.algorithms import meta_gradient_tasks
+
+    g_loop, n, m_loop = meta_gradient_tasks(params, episodes, cfg, model, batched=False)
+    g_bat, _, m_bat = meta_gradient_tasks(params, episodes, cfg, model, batched=True)
+    assert n == len(episodes) and m_loop == pytest.approx(m_bat, rel=rel)
+    for k in g_loop:
+        torch.testing.assert_close(g_bat[k], g_loop[k], rtol=1e-10, atol=1e-12, msg=k)
+    ev = algo.evaluate(params, stack_episodes(episodes), cfg, model, batched=True)
+    assert ev == pytest.approx({k: sum(algo.evaluate(params, x, cfg, model)[k] for x in episodes) / n for k in ev})
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny tensors: one intra-op thread is faster, and on a busy 2-core machine far faster (no spin-waiting)."""

@@ -30,7 +30,7 @@ def test_every_registered_module_has_its_record():
         assert isinstance(module.RECORD, AlgorithmRecord)
         assert module.RECORD.name == name == module.NAME
         assert get_record(name) is module.RECORD
-        assert module.RECORD.family in ("gradient", "memory", "metric", "learned", "sequence")
+        assert module.RECORD.family in ("gradient", "memory", "metric", "learned", "sequence", "fastweight")
         assert module.RECORD.models and set(module.RECORD.models) <= set(MODEL_NAMES)
         for f in algorithms.INTERFACE:
             assert callable(getattr(module, f))

@@ -9,12 +9,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import prototype_episode
+from conftest import assert_stack_equals_loop, prototype_episode
 from metatrain.models.snail import SNAIL, AttentionBlock, DenseBlock, TCBlock, causal_mask
-from metatrain.tasks.episode import Episode, stack_episodes
+from metatrain.tasks.episode import Episode
 from mlflow.tracking import MlflowClient
 
-from metatrain.pipeline.algorithms import AlgorithmConfig, meta_gradient_tasks
+from metatrain.pipeline.algorithms import AlgorithmConfig
 from metatrain.pipeline.algorithms.errors import TaskMismatchError
 from metatrain.pipeline.algorithms.sequence import snail
 from metatrain.pipeline.cli import main
@@ -148,14 +148,7 @@ def test_support_is_read_in_label_order_and_batched_equals_the_loop():
     perm = torch.tensor([2, 0, 4, 1, 3, 5])  # classes interleaved, each class's drawings in their order
     shuffled = Episode(e.support_x[perm], e.support_y[perm], e.query_x, e.query_y, e.classes, e.rotations, e.key)
     torch.testing.assert_close(snail.scores(params, shuffled, CFG, model)[1], snail.scores(params, e, CFG, model)[1])
-    eps = [episode(s) for s in range(3)] + [shuffled]
-    g_loop, n, m_loop = meta_gradient_tasks(params, eps, CFG, model, batched=False)
-    g_bat, _, m_bat = meta_gradient_tasks(params, eps, CFG, model, batched=True)
-    assert n == 4 and m_loop == pytest.approx(m_bat, rel=1e-6)
-    for k in g_loop:
-        torch.testing.assert_close(g_bat[k], g_loop[k], rtol=1e-10, atol=1e-12, msg=k)
-    ev = snail.evaluate(params, stack_episodes(eps), CFG, model, batched=True)
-    assert ev == pytest.approx({k: sum(snail.evaluate(params, x, CFG, model)[k] for x in eps) / 4 for k in ev})
+    assert_stack_equals_loop(snail, params, [episode(s) for s in range(3)] + [shuffled], CFG, model)
 
 
 # ---- bad input -------------------------------------------------------------------------------------------------

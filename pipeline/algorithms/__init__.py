@@ -4,7 +4,8 @@ Every module (``maml``, ``fomaml``, ``reptile``, ``metasgd``, ``anil``; the memo
 whose "adaptation" is writing memory; the metric learners ``protonet``, ``matching``, ``relation``, ``siamese``,
 whose adaptation is embedding the support set; ``meta_lstm``, whose update rule is learned; ``l2l_gd``, which learns
 an optimizer on optimizee tasks instead of episodes; the sequence learner ``snail``, which reads the support set as
-a sequence) exposes the same interface:
+a sequence; the fast-weight learner ``metanet``, whose meta-learners write fast weights from support gradients)
+exposes the same interface:
 
 * ``init_extra_params(model, cfg) -> params``: meta-parameters beyond the model's (Meta-SGD's rates; else ``{}``).
 * ``adapt(params, support, cfg, model, *, steps=None, create_graph=False, batched=False) -> params``
@@ -47,6 +48,7 @@ from torch import nn
 
 from metatrain.pipeline.algorithms.config import AlgorithmConfig, unknown_name
 from metatrain.pipeline.algorithms.errors import AlgorithmConfigError, NonFiniteGradientError, TaskMismatchError
+from metatrain.pipeline.algorithms.fastweight import metanet
 from metatrain.pipeline.algorithms.gradient import anil, fomaml, maml, metasgd, reptile
 from metatrain.pipeline.algorithms.gradient.inner_loop import LR_PREFIX, Metrics, Params
 from metatrain.pipeline.algorithms.learned import l2l_gd, meta_lstm
@@ -58,8 +60,8 @@ from metatrain.pipeline.algorithms.sequence import snail
 __all__ = ["ALGORITHMS", "AlgorithmConfig", "AlgorithmConfigError", "AlgorithmRecord", "LR_PREFIX",
            "NonFiniteGradientError", "TaskMismatchError", "algorithm_names", "anil", "evaluate_tasks", "fomaml",
            "get_algorithm", "get_record", "init_params", "l2l_gd", "maml", "mann", "matching", "measure_task_batching",
-           "key_value", "meta_gradient_tasks", "meta_lstm", "metasgd", "protonet", "register", "relation", "reptile",
-           "siamese", "snail", "unregister", "use_batched"]
+           "key_value", "meta_gradient_tasks", "meta_lstm", "metanet", "metasgd", "protonet", "register", "relation",
+           "reptile", "siamese", "snail", "unregister", "use_batched"]
 
 #: What every algorithm module must define besides its RECORD.
 INTERFACE = ("init_extra_params", "adapt", "meta_gradient", "meta_gradient_batched", "evaluate")
@@ -87,7 +89,7 @@ def unregister(name: str) -> None:
 
 
 for _m in (maml, fomaml, reptile, metasgd, anil, mann, key_value, protonet, matching, relation, siamese,
-           meta_lstm, l2l_gd, snail):
+           meta_lstm, l2l_gd, snail, metanet):
     register(_m)
 
 #: The built-in algorithm names, in registry order (:func:`algorithm_names` includes later registrations).

@@ -43,7 +43,8 @@ class AlgorithmConfig:
 
     name: str = "maml"
     """Algorithm: maml, fomaml, reptile, metasgd, anil (inner loop); mann (sequence), memory (key-value module);
-    protonet, matching, relation, siamese (metric learners); meta_lstm, l2l_gd (learned update rules)."""
+    protonet, matching, relation, siamese (metric learners); meta_lstm, l2l_gd (learned update rules); snail
+    (sequence); metanet (fast weights)."""
     inner_lr: float = 0.4
     """Inner-loop step size (Meta-SGD: the initial value of every learned rate). MAML used 0.4 on Omniglot."""
     inner_steps: int = 1
@@ -86,11 +87,12 @@ class AlgorithmConfig:
     its own); 1 is Vinyals et al.'s attention as printed."""
     lstm_hidden: int = 20
     """meta_lstm: hidden units of the LSTM under the meta cell (Ravi & Larochelle: 20); l2l_gd: units per layer of
-    the optimizer (Andrychowicz et al.: 20)."""
+    the optimizer (Andrychowicz et al.: 20); metanet: units of its coordinate-wise LSTMs and MLPs (20)."""
     lstm_layers: int = 2
     """l2l_gd: LSTM layers of the coordinate-wise optimizer (Andrychowicz et al.: 2)."""
     lstm_p: float = 10.0
-    """meta_lstm, l2l_gd: p of the log/sign preprocessing (10 in both papers; DeepMind's code: 5)."""
+    """meta_lstm, l2l_gd, metanet: p of the log/sign preprocessing (10 in both papers; DeepMind's code: 5; Meta
+    Networks' code: 7, its configs' value)."""
     output_scale: float = 0.1
     """l2l_gd: the optimizer's output is multiplied by this (the step size an untrained optimizer starts from;
     DeepMind's code: 0.01)."""

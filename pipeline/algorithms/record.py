@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-Family = Literal["gradient", "memory", "metric", "learned", "sequence"]
+Family = Literal["gradient", "memory", "metric", "learned", "sequence", "fastweight"]
 Predict = Literal["adapt", "sequence", "memory", "softmax", "sigmoid", "probability", "none"]
 
 #: The metrics every SGD-inner-loop algorithm reports (before adaptation on the support set, after on the query).
@@ -40,7 +40,7 @@ class AlgorithmRecord:
     family: Family
     """'gradient' (inner SGD loop), 'memory' (adaptation is writing a memory), 'metric' (embedding the support) or
     'learned' (a learned update rule writes the weights) or 'sequence' (a network reads the support set as a
-    sequence, SNAIL)."""
+    sequence, SNAIL) or 'fastweight' (meta-learners write fast weights from support gradients, Meta Networks)."""
     models: tuple[str, ...]
     """The ``model.name`` values it runs, the first being the default; 'mlp' (the sinusoid MLP) means regression."""
     predict: Predict

@@ -1,1 +1,1 @@
-"""Sequence and fast-weight learners: a network reads the support set as a sequence (SNAIL) instead of adapting."""
+"""Sequence learners: a network reads the support set as a sequence (SNAIL) instead of adapting."""
