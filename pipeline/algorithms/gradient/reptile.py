@@ -1,7 +1,10 @@
 """Reptile (Nichol, Achiam & Schulman 2018): train on the task, then move the initialisation towards the result.
 
 The inner loop takes ``cfg.inner_steps`` steps of plain SGD or Adam (``cfg.reptile_optimizer``; Adam's state
-starts fresh on every task) on the task's data, the support and query sets together. Each step uses all of it, or
+starts fresh on every task, so with bias correction its first step moves every weight by ~``inner_lr`` whatever
+its gradient's size. The authors' code restores only the model's variables between tasks: their Adam moments and
+step count run on across all tasks, a long-run RMS per weight; not reproduced here, where a task is a pure function
+of its key) on the task's data, the support and query sets together. Each step uses all of it, or
 with ``reptile_batch_size`` the next that many examples of the data in a fixed order (shuffled by a generator
 seeded from the episode key, so a task's minibatches are reproducible and identical in both execution modes).
 Nothing is differentiated through the loop.
