@@ -51,6 +51,15 @@ def assert_predicts_a_user_task(omniglot_dir: Path, tmp_path: Path, run_id: str,
     assert len(rows) == len(truth) and all(r["label"] in set(truth) and 0 < r["probability"] <= 1 for r in rows)
 
 
+def predict_error_lines(omniglot_dir: Path, tmp_path: Path, run_id: str, uri: str, capsys, classes: int) -> list[str]:
+    """`metatrain predict --run` on a user task of ``classes`` classes that the model refuses: exit 2, and the
+    error lines it printed."""
+    few, fq, _ = user_task(omniglot_dir, tmp_path / "few", classes=classes)
+    capsys.readouterr()
+    assert main(["predict", "--run", run_id, "--tracking-uri", uri, "--support", str(few), "--query", str(fq)]) == 2
+    return [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+
+
 def test_compare_uses_the_paired_difference():
     champion = np.array([0.8, 0.6, 0.9, 0.7] * 50)
     assert compare(champion + 0.05, champion, None)[0]  # a constant gain: zero-width CI, promoted

@@ -30,7 +30,7 @@ from metatrain.pipeline.algorithms.errors import AlgorithmConfigError, TaskMisma
 from metatrain.pipeline.algorithms.fastweight import metanet
 from metatrain.pipeline.cli import main
 from metatrain.pipeline.config import ConfigError, load_config
-from tests.test_jobs import assert_predicts_a_user_task, user_task
+from tests.test_jobs import assert_predicts_a_user_task, predict_error_lines
 
 CFG = AlgorithmConfig(name="metanet", lstm_p=7.0)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -245,10 +245,7 @@ def test_metanet_trains_with_two_workers_evaluates_and_predicts(omniglot_store, 
     again = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert again["algorithm"] == "metanet" and again["tasks"] == 4 and 0 <= again["accuracy"] <= 1
     assert_predicts_a_user_task(omniglot_dir, tmp_path, run.info.run_id, uri)
-    few, fq, _ = user_task(omniglot_dir, tmp_path / "few", classes=3)  # a 5-way model asked for 3 ways
-    capsys.readouterr()
-    assert main(["predict", "--run", run.info.run_id, "--tracking-uri", uri, "--support", str(few),
-                 "--query", str(fq)]) == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    # a 5-way model asked for 3 ways
+    errors = predict_error_lines(omniglot_dir, tmp_path, run.info.run_id, uri, capsys, classes=3)
     assert errors == ["metatrain: error: data.ways: this MetaNet model was built for 5-way episodes (its output "
                       "layer), got 3 ways"]
